@@ -1,0 +1,79 @@
+"""Array backend and precision policy.
+
+Compute code never imports numpy for math directly: it asks an array which module
+it belongs to (`array_module(x)`), exactly like CuPy's `cupy.get_array_module`.
+So the same op runs on NumPy arrays (CPU) or CuPy arrays (GPU); the choice is
+made once, where arrays are created (`device_module("cpu" | "gpu")`), and
+travels with the data. Moves between host and device are explicit
+(`to_device`, `to_host`).
+
+Precision policies (Micikevicius et al. 2018, "Mixed Precision Training"):
+
+    policy   parameters/grads   compute   optimizer master copy
+    fp64     float64            float64   none (update in place)
+    fp32     float32            float32   none
+    mixed    float16            float32   float32 master weights + loss scaling
+"""
+from dataclasses import dataclass
+
+import numpy
+
+
+def array_module(x):
+    """numpy or cupy: the module that owns array `x`."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return numpy
+
+
+def device_module(device):
+    """The array module for a device name: "cpu" -> numpy, "gpu" -> cupy."""
+    if device == "cpu":
+        return numpy
+    if device == "gpu":
+        try:
+            import cupy
+        except ImportError as err:
+            raise RuntimeError("--device gpu needs CuPy: pip install 'minipar[gpu]'") from err
+        return cupy
+    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+
+
+def to_device(x, xp):
+    """Copy a host (numpy) array onto the device of module `xp` (no-op for numpy)."""
+    return x if xp is numpy else xp.asarray(x)
+
+
+def to_host(x):
+    """A numpy array with the contents of `x` (device -> host copy for CuPy)."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Which dtype each kind of array uses under a precision policy."""
+    name: str
+    param_dtype: type      # parameters and their gradients
+    compute_dtype: type    # activations and matmuls
+    master_dtype: type     # optimizer's master copy and Adam states (m, v)
+    has_master: bool       # True when params are a low-precision copy of a master
+
+    @property
+    def needs_loss_scaling(self):
+        return self.param_dtype == numpy.float16
+
+
+PRECISIONS = {
+    "fp64": Precision("fp64", numpy.float64, numpy.float64, numpy.float64, False),
+    "fp32": Precision("fp32", numpy.float32, numpy.float32, numpy.float32, False),
+    "mixed": Precision("mixed", numpy.float16, numpy.float32, numpy.float32, True),
+}
+
+
+def precision(name):
+    """Look up a policy by name ("fp64", "fp32", "mixed")."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}") from None

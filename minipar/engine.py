@@ -1,0 +1,228 @@
+"""One training step for any layout: the place where the strategies compose.
+
+    full GPT (from the seed, identical on every rank)
+      -> tensor-parallel shard (tp > 1)          parallel/tensor_parallel.py
+      -> this rank's pipeline stage (pp > 1)      parallel/pipeline.py
+      -> gradient sync over dp: DDP buckets or ZeRO shards
+      -> optimizer (AdamW / SGD; master weights + loss scaling under `mixed`)
+
+With every degree 1 the engine *is* the serial run, the oracle all parity
+checks compare against. The global batch is fixed: data-parallel rank d takes
+samples [d*B/dp, (d+1)*B/dp), which are then cut into equal micro-batches.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from minipar import autograd
+from minipar.memory import MemoryLedger
+from minipar.nn import GPT, DropoutKey
+from minipar.optim import SGD, AdamW, LossScaler, grad_stats, prepare_step
+
+
+@dataclass
+class Layout:
+    dp: int = 1                    # data-parallel degree
+    pp: int = 1                    # pipeline stages
+    tp: int = 1                    # tensor-parallel degree
+    sequence_parallel: bool = False
+    zero: int = 0                  # ZeRO stage over the dp group: 0 (plain DDP), 1, 2, 3
+    offload: bool = False          # ZeRO-Offload: optimizer state and step on the host
+    schedule: str = "1f1b"         # pipeline schedule: gpipe | 1f1b | interleaved | zb-h1
+    micro_batches: int = 1         # per data-parallel rank per step (gradient accumulation)
+    virtual_stages: int = 1        # interleaved schedule: model chunks per pipeline rank
+    bucket_bytes: int = 2 ** 20    # DDP gradient bucket size
+    overlap: bool = True           # launch bucket all-reduces during backward
+
+    @property
+    def world_size(self):
+        return self.dp * self.pp * self.tp
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"            # adamw | sgd
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0          # sgd only
+    max_norm: float = None         # global gradient-norm clip; None = off
+    init_loss_scale: float = 2.0 ** 15
+
+
+def make_optimizer(params, cfg, precision):
+    master = precision.master_dtype if precision.has_master else None
+    if cfg.name == "adamw":
+        return AdamW(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, master)
+    if cfg.name == "sgd":
+        return SGD(params, cfg.lr, cfg.momentum, cfg.weight_decay, master)
+    raise ValueError(f"unknown optimizer {cfg.name!r}: expected adamw or sgd")
+
+
+def check_batch(global_batch, layout):
+    per_rank = layout.dp * layout.micro_batches
+    if global_batch % per_rank:
+        raise ValueError(f"global batch {global_batch} does not split into dp={layout.dp} x "
+                         f"micro_batches={layout.micro_batches} equal micro-batches")
+
+
+class Engine:
+    """Builds this rank's share of the model and runs training steps on it.
+
+    Strategy plug-in points (each strategy file provides one function/class):
+      tp > 1         model = shard_tensor_parallel(model, grid.tp, sequence_parallel)
+      pp > 1         self.pipeline = Pipeline(model, grid, layout, ...) runs forward/backward
+      zero or offload  self.optimizer = ZeroOptimizer(...) is both grad sync and optimizer
+      else dp > 1    self.sync = DataParallel(...) + a plain optimizer
+    """
+
+    def __init__(self, cfg, layout=None, optim=None, seed=0, grid=None, tracer=None):
+        self.cfg, self.layout, self.seed = cfg, layout or Layout(), seed
+        self.optim_cfg, self.grid = optim or OptimConfig(), grid
+        lay = self.layout
+        if grid is None and lay.world_size > 1:
+            raise ValueError("a layout with more than one rank needs a ProcessGrid")
+        rank = grid.world.rank if grid is not None else 0
+        self.ledger = MemoryLedger(rank)
+        self.model = GPT(cfg, seed)              # the full serial model, built from the seed
+        self.precision = self.model.precision
+        self.scaler = LossScaler(self.optim_cfg.init_loss_scale) if self.precision.needs_loss_scaling else None
+        self.dp_group = grid.dp if grid is not None else None
+        self.dp_rank = grid.dp_rank if grid is not None else 0
+        if lay.tp > 1:
+            from minipar.parallel.tensor_parallel import shard_tensor_parallel
+            self.model = shard_tensor_parallel(self.model, grid.tp, lay.sequence_parallel)
+        self.pipeline = None
+        if lay.pp > 1:
+            from minipar.parallel.pipeline import Pipeline
+            self.pipeline = Pipeline(self.model, grid, lay, seed=seed, tracer=tracer)
+            self.params = self.pipeline.parameters()
+        else:
+            self.params = self.model.parameters()
+        self.sync = None
+        if lay.zero or lay.offload:
+            from minipar.parallel.zero import ZeroOptimizer
+            self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp if grid else None, lay,
+                                                       self.optim_cfg, self.precision, self.ledger, self.model)
+        else:
+            if self.dp_group is not None and self.dp_group.size > 1:
+                from minipar.parallel.data_parallel import DataParallel
+                self.sync = DataParallel(self.params, self.dp_group, lay.bucket_bytes, lay.overlap and lay.pp == 1)
+            self.optimizer = make_optimizer(self.params, self.optim_cfg, self.precision)
+            self._register_model_state()
+
+    def _register_model_state(self):
+        """Tell the memory ledger about parameters, gradients and optimizer state."""
+        for p in self.params:
+            self.ledger.add(f"param:{p.name}", p.data, "param")
+            self.ledger.add(f"grad:{p.name}", p.data.nbytes, "grad")
+        opt = self.optimizer
+        for i, p in enumerate(self.params):
+            if opt.master[i] is not p.data:
+                self.ledger.add(f"master:{p.name}", opt.master[i], "master")
+            for attr, cat in (("m", "optim_m"), ("v", "optim_v")):
+                if hasattr(opt, attr):
+                    self.ledger.add(f"{attr}:{p.name}", getattr(opt, attr)[i], cat)
+
+    # ---- one step ---------------------------------------------------------------------
+    def local_indices(self, global_batch):
+        """The sample indices of this dp rank, cut into micro-batches."""
+        check_batch(global_batch, self.layout)
+        per_rank = global_batch // self.layout.dp
+        mine = np.arange(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        return np.split(mine, self.layout.micro_batches)
+
+    def zero_grad(self):
+        if self.sync is not None:
+            self.sync.zero_grad()
+        else:
+            for p in self.params:
+                p.grad = None
+
+    def loss_scale(self):
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def forward_backward(self, step, task, global_batch):
+        """Accumulate gradients of the mean loss over this rank's micro-batches; returns that loss."""
+        micro = self.local_indices(global_batch)
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(step, task, micro, self.loss_scale(), self.sync)
+        total = 0.0
+        for i, idx in enumerate(micro):
+            if self.sync is not None:
+                self.sync.sync = i == len(micro) - 1      # communicate on the last micro-batch only
+            x, y = task.batch(step, idx)
+            loss = self.model.loss(x, y, DropoutKey(self.seed, step, idx))
+            # d(S * loss / M): the 1/M makes the accumulated gradient the mean over micro-batches
+            loss.backward(np.asarray(self.loss_scale() / len(micro), dtype=loss.data.dtype))
+            total += loss.item() / len(micro)
+        return total
+
+    def train_step(self, step, task, global_batch):
+        """forward/backward, gradient sync, optimizer step. Returns the global mean loss."""
+        self.model.train()
+        self.zero_grad()
+        with autograd.track_saved(self.ledger):
+            loss = self.forward_backward(step, task, global_batch)
+        if self.sync is not None:
+            self.sync.finish()
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_grads()
+        grad_scale, self.grad_norm = prepare_step(self.params, self.optim_cfg.max_norm, self.scaler,
+                                                  self.reduce_grad_stats, self.local_grad_stats())
+        if grad_scale is not None:
+            with autograd.no_grad():
+                self.optimizer.step(grad_scale)
+        return self.mean_loss(loss)
+
+    def local_grad_stats(self):
+        """[sum g^2, #non-finite] over the gradient entries this rank owns."""
+        if hasattr(self.optimizer, "grad_stats"):
+            return self.optimizer.grad_stats()          # ZeRO: this rank's gradient shard
+        return grad_stats(self.params)
+
+    def reduce_grad_stats(self, stats):
+        """Sum the stats over every rank that owns distinct gradient entries."""
+        if self.grid is None:
+            return stats
+        group = self.grid.world if hasattr(self.optimizer, "grad_stats") else self.grid.mp
+        if group.size == 1:
+            return stats
+        # all-reduce (sum) of 2 floats over the model-parallel (or whole, for ZeRO) group
+        return group.all_reduce(stats, op="sum")
+
+    def mean_loss(self, value):
+        """The global mean loss, the same on every rank (pipeline: computed on the last stage)."""
+        if self.grid is None:
+            return value
+        if self.pipeline is not None:
+            value = self.pipeline.broadcast_loss(value)
+        if self.dp_group.size == 1:
+            return value
+        # all-reduce (avg) of one float over the dp group: the logged loss
+        return float(self.dp_group.all_reduce(np.array([value]), op="avg")[0])
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def predict(self, x):
+        """Greedy next-token ids for inputs x (B, T), available on every rank."""
+        if self.pipeline is not None:
+            return self.pipeline.predict(x)
+        with autograd.no_grad():
+            return self.model.predict(self.model(x))
+
+    def accuracy(self, task, n_samples=256, step=0):
+        """Fraction of scored held-out targets predicted exactly (teacher forcing, greedy)."""
+        self.model.eval()
+        x, y = task.batch(step, np.arange(n_samples), split="val")
+        pred = self.predict(x)
+        self.model.train()
+        scored = y != -1
+        return float((pred == y)[scored].mean())
+
+    # ---- views used by parity checks and reports ---------------------------------------------
+    def named_state(self):
+        """{serial name: (parameter, {"m", "v", "master"})} for what this rank holds."""
+        state = self.optimizer.state() if hasattr(self.optimizer, "state") else {}
+        return {p.name: (p, state.get(p.name, {})) for p in self.params}

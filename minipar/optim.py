@@ -1,0 +1,159 @@
+"""Optimizers, gradient clipping and mixed-precision loss scaling.
+
+The update rules are plain functions on arrays (`adamw_update`, `sgd_update`),
+so the same arithmetic updates a whole parameter (serial, DP, TP, PP), a flat
+ZeRO shard, or a host-side offloaded shard: identical numbers by construction.
+
+Mixed precision (Micikevicius et al. 2018): parameters and gradients are fp16;
+the optimizer keeps an fp32 master copy plus Adam's m and v (K = 12 bytes per
+parameter); the loss is multiplied by a scale S before backward and gradients
+divided by S before the update; a step whose gradients overflowed is skipped
+and S halves ("dynamic loss scaling").
+"""
+import math
+
+import numpy as np
+
+from minipar.backend import array_module
+
+
+def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """AdamW (Loshchilov & Hutter 2019), in place on arrays of any shape:
+
+        m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
+        p <- p - lr wd p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+    xp = array_module(p)
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * (g * g)
+    m_hat = m / (1 - beta1 ** step)
+    v_hat = v / (1 - beta2 ** step)
+    p -= lr * weight_decay * p
+    p -= lr * m_hat / (xp.sqrt(v_hat) + eps)
+
+
+def sgd_update(p, g, buf, lr, momentum, weight_decay):
+    """SGD with momentum: buf <- mu buf + g + wd p;  p <- p - lr buf."""
+    if weight_decay:
+        g = g + weight_decay * p
+    if buf is None:
+        p -= lr * g
+        return
+    buf *= momentum
+    buf += g
+    p -= lr * buf
+
+
+class Optimizer:
+    """Holds per-parameter state; `master` is the array the update is applied to:
+    the parameter itself, or an fp32 master copy when parameters are fp16."""
+
+    def __init__(self, params, master_dtype=None):
+        self.params = list(params)
+        self.master_dtype = master_dtype
+        self.master = [p.data.astype(master_dtype) if master_dtype else p.data for p in self.params]
+        self.t = 0
+
+    def step(self, grad_scale=1.0):
+        """One update with every gradient multiplied by `grad_scale` (1/S times the clip factor)."""
+        self.t += 1
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad.astype(self.master[i].dtype) * grad_scale
+            self.update(i, self.master[i], g)
+            if self.master[i] is not p.data:
+                p.data[...] = self.master[i]          # fp32 master -> fp16 parameter
+
+    def update(self, i, p, g):
+        raise NotImplementedError
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+class AdamW(Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, master_dtype=None):
+        super().__init__(params, master_dtype)
+        self.lr, (self.beta1, self.beta2), self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.m = [array_module(w).zeros_like(w) for w in self.master]
+        self.v = [array_module(w).zeros_like(w) for w in self.master]
+
+    def update(self, i, p, g):
+        adamw_update(p, g, self.m[i], self.v[i], self.t, self.lr, self.beta1, self.beta2,
+                     self.eps, self.weight_decay)
+
+    def state(self):
+        """Optimizer state by parameter name: {name: {"m", "v", "master"}} (for parity checks)."""
+        return {p.name: {"m": self.m[i], "v": self.v[i], "master": self.master[i]}
+                for i, p in enumerate(self.params)}
+
+
+class SGD(Optimizer):
+    def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0, master_dtype=None):
+        super().__init__(params, master_dtype)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buf = [array_module(w).zeros_like(w) if momentum else None for w in self.master]
+
+    def update(self, i, p, g):
+        sgd_update(p, g, self.buf[i], self.lr, self.momentum, self.weight_decay)
+
+
+class LossScaler:
+    """Dynamic loss scale S: halve on overflow (and skip the step), double after
+    `growth_interval` clean steps. A static scaler is growth_interval=inf."""
+
+    def __init__(self, init_scale=2.0 ** 15, growth_interval=1000, factor=2.0):
+        self.scale, self.growth_interval, self.factor = float(init_scale), growth_interval, factor
+        self.clean_steps = 0
+
+    def update(self, found_inf):
+        if found_inf:
+            self.scale /= self.factor
+            self.clean_steps = 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps >= self.growth_interval:
+                self.scale *= self.factor
+                self.clean_steps = 0
+
+
+def grad_stats(params):
+    """Local [sum of squared gradients, number of non-finite gradients], as float64.
+
+    Parameters whose `norm_owner` is False (a replica another rank also holds) are
+    left out, so summing these stats over ranks counts every serial parameter once."""
+    total, bad = 0.0, 0.0
+    for p in params:
+        if p.grad is None or not getattr(p, "norm_owner", True):
+            continue
+        g = p.grad.astype(np.float64) if p.grad.dtype != np.float64 else p.grad
+        sq = float((g * g).sum())
+        total += sq
+        bad += 0.0 if math.isfinite(sq) else 1.0
+    return np.array([total, bad])
+
+
+def prepare_step(params, max_norm=None, scaler=None, reduce_sum=None, stats=None):
+    """Decide the gradient multiplier for this step, the same way on every rank.
+
+    Global norm ||g|| = sqrt(sum over all ranks' squares) / S (unscaled); the
+    clip factor is min(1, max_norm / (||g|| + 1e-6)) (Pascanu et al. 2013).
+    `reduce_sum` sums the small stats vector over the model-parallel ranks.
+    Returns (grad_scale or None if the step must be skipped, grad_norm).
+    """
+    stats = grad_stats(params) if stats is None else stats
+    if reduce_sum is not None:
+        stats = reduce_sum(stats)
+    loss_scale = scaler.scale if scaler is not None else 1.0
+    found_inf = stats[1] > 0
+    if scaler is not None:
+        scaler.update(found_inf)
+    if found_inf:
+        return None, float("inf")
+    norm = math.sqrt(stats[0]) / loss_scale
+    clip = 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
+    return clip / loss_scale, norm
