@@ -72,7 +72,7 @@ class Engine:
     """Builds this rank's share of the model and runs training steps on it.
 
     Strategy plug-in points (each strategy file provides one function/class):
-      tp > 1         model = shard_tensor_parallel(model, grid.tp, sequence_parallel)
+      tp > 1         model = shard_tensor_parallel(model, grid.tp_group, sequence_parallel)
       pp > 1         self.pipeline = Pipeline(model, grid, layout, ...) runs forward/backward
       zero or offload  self.optimizer = ZeroOptimizer(...) is both grad sync and optimizer
       else dp > 1    self.sync = DataParallel(...) + a plain optimizer
@@ -87,13 +87,19 @@ class Engine:
         rank = grid.world.rank if grid is not None else 0
         self.ledger = MemoryLedger(rank)
         self.model = GPT(cfg, seed)              # the full serial model, built from the seed
+        self.n_params = self.model.num_params()  # Phi
         self.precision = self.model.precision
         self.scaler = LossScaler(self.optim_cfg.init_loss_scale) if self.precision.needs_loss_scaling else None
-        self.dp_group = grid.dp if grid is not None else None
+        self.dp_group = grid.dp_group if grid is not None else None
         self.dp_rank = grid.dp_rank if grid is not None else 0
+        # the logged loss is averaged over dp on a side ledger, so the run's ledger holds training traffic only
+        self.metrics_group = None
+        if grid is not None:
+            from minipar.dist.comm import CommLedger
+            self.metrics_group = self.dp_group.using(ledger=CommLedger(), name="metrics")
         if lay.tp > 1:
             from minipar.parallel.tensor_parallel import shard_tensor_parallel
-            self.model = shard_tensor_parallel(self.model, grid.tp, lay.sequence_parallel)
+            self.model = shard_tensor_parallel(self.model, grid.tp_group, lay.sequence_parallel)
         self.pipeline = None
         if lay.pp > 1:
             from minipar.parallel.pipeline import Pipeline
@@ -104,7 +110,7 @@ class Engine:
         self.sync = None
         if lay.zero or lay.offload:
             from minipar.parallel.zero import ZeroOptimizer
-            self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp if grid else None, lay,
+            self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp_group if grid else None, lay,
                                                        self.optim_cfg, self.precision, self.ledger, self.model)
         else:
             if self.dp_group is not None and self.dp_group.size > 1:
@@ -187,7 +193,7 @@ class Engine:
         """Sum the stats over every rank that owns distinct gradient entries."""
         if self.grid is None:
             return stats
-        group = self.grid.world if hasattr(self.optimizer, "grad_stats") else self.grid.mp
+        group = self.grid.world if hasattr(self.optimizer, "grad_stats") else self.grid.mp_group
         if group.size == 1:
             return stats
         # all-reduce (sum) of 2 floats over the model-parallel (or whole, for ZeRO) group
@@ -201,8 +207,8 @@ class Engine:
             value = self.pipeline.broadcast_loss(value)
         if self.dp_group.size == 1:
             return value
-        # all-reduce (avg) of one float over the dp group: the logged loss
-        return float(self.dp_group.all_reduce(np.array([value]), op="avg")[0])
+        # all-reduce (avg) of one float over the dp ranks (metrics ledger): the logged loss
+        return float(self.metrics_group.all_reduce(np.array([value]), op="avg")[0])
 
     # ---- evaluation -----------------------------------------------------------------------
     def predict(self, x):

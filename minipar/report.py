@@ -1,0 +1,136 @@
+"""What a training run shows and writes: the layout, the parity, and the summary.
+
+`summarize` collects, from every rank, the memory ledger, the comm ledger and
+(pipeline runs) the trace, into one JSON-able dict whose keys are documented in
+the README and kept stable for graders:
+
+    config, layout, optim, losses, initial_accuracy, final_accuracy, step_time_s,
+    tokens_per_s, memory (per rank), comm (per rank: group -> op -> calls/elements/bytes),
+    bubble ({measured, logical, formula} or null), parity ({max_rel_err, ok, tol} or null)
+"""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+
+from minipar import parity as parity_mod
+
+
+def make_tracer(rank):
+    from minipar.trace import Tracer
+    return Tracer(rank)
+
+
+def header(cfg, layout, optim, task, grid, engine):
+    n = len(engine.params)
+    lines = [f"minipar: GPT {cfg.n_layer} layers x {cfg.n_head} heads x d_model {cfg.d_model}, "
+             f"vocab {cfg.vocab_size}, seq {cfg.seq_len}, {cfg.precision}, "
+             f"{engine.n_params:,} parameters",
+             f"task: {type(task).__name__}  optimizer: {optim.name} lr {optim.lr}",
+             f"layout: dp={layout.dp} pp={layout.pp} tp={layout.tp} zero={layout.zero}"
+             f"{' +offload' if layout.offload else ''}{' +sequence-parallel' if layout.sequence_parallel else ''}"
+             f"  schedule={layout.schedule if layout.pp > 1 else '-'} micro-batches={layout.micro_batches}"
+             f"  ({n} parameter tensors on rank 0)"]
+    if grid is not None:
+        lines.append(grid.describe())
+    return "\n".join(lines)
+
+
+def parity(engine, serial, world, loss, serial_loss, step):
+    """Max relative error of this step (loss, params, grads, Adam m/v); raises ParityError if out of tolerance."""
+    rows = parity_mod.compare_models(engine, serial)
+    tol = parity_mod.TOLERANCE[engine.precision.name]
+    return parity_mod.check(world, rows, tol, where=f" at step {step}", loss=(loss, serial_loss))
+
+
+def _gather(world, obj):
+    return world.allgather_object(obj) if world.size > 1 else [obj]
+
+
+def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_times, acc0, acc1,
+              parity_errs, parity_failure=None):
+    times = np.array(step_times[1:] or step_times)      # the first step pays one-off costs
+    summary = {
+        "config": asdict(cfg),
+        "layout": asdict(layout),
+        "optim": asdict(optim),
+        "steps": len(losses),
+        "batch_size": args.batch_size,
+        "losses": [float(x) for x in losses],
+        "initial_accuracy": acc0,
+        "final_accuracy": acc1,
+        "step_time_s": float(np.median(times)) if times.size else None,
+        "tokens_per_s": float(args.batch_size * cfg.seq_len / np.median(times)) if times.size else None,
+        "memory": _gather(world, engine.ledger.report()),
+        "comm": _gather(world, world.ledger.summary()),
+        "bubble": None,
+        "parity": None,
+    }
+    if args.check:
+        tol = parity_mod.TOLERANCE[cfg.precision]
+        worst = max(parity_errs, default=0.0)
+        summary["parity"] = {"max_rel_err": worst, "ok": parity_failure is None and worst <= tol, "tol": tol,
+                             "failure": parity_failure}
+    if tracer is not None and engine.pipeline is not None:
+        from minipar import trace
+        events = tracer.gather(engine.grid.pp_group)
+        info = trace.summary(events, layout.pp, layout.schedule, layout.micro_batches, layout.virtual_stages,
+                             getattr(engine.pipeline, "executed", None))
+        summary["bubble"] = info["bubble"]
+        summary["trace"] = {"makespan_s": info["makespan_s"], "per_rank_busy_s": info["per_rank_busy_s"],
+                            "gantt": trace.ascii_gantt(events, layout.pp)}
+        summary["_events"] = events
+    return summary
+
+
+def _mib(n):
+    return f"{n / 2 ** 20:9.3f}"
+
+
+def format_summary(s):
+    out = ["", "== summary =="]
+    out.append(f"loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f} over {s['steps']} steps; "
+               f"accuracy {s['initial_accuracy']:.3f} -> {s['final_accuracy']:.3f}; "
+               f"median step {s['step_time_s'] * 1e3:.1f} ms ({s['tokens_per_s']:.0f} tok/s)")
+    cats = ["param", "grad", "master", "optim_m", "optim_v", "padding", "activation"]
+    out.append("memory per rank, MiB (activation = peak saved for backward):")
+    out.append("rank " + "".join(f"{c:>11}" for c in cats) + f"{'host':>11}")
+    for r, mem in enumerate(s["memory"]):
+        by = mem["by_category"]
+        cells = [by.get(c, {}).get("device", {}).get("peak" if c == "activation" else "current", 0) for c in cats]
+        host = sum(v.get("host", {}).get("current", 0) for v in by.values())
+        out.append(f"{r:>4} " + "".join(f"{_mib(x):>11}" for x in cells) + f"{_mib(host):>11}")
+    out.append("bytes sent per rank over the whole run, by group and op (ring-algorithm accounting):")
+    for r, comm in enumerate(s["comm"]):
+        parts = [f"{g}.{op} {v['bytes'] / 2 ** 20:.2f} MiB/{v['calls']}x"
+                 for g, ops in sorted(comm.items()) for op, v in sorted(ops.items()) if op != "object"]
+        out.append(f"{r:>4}  " + ("; ".join(parts) or "-"))
+    if s["bubble"] is not None:
+        b = s["bubble"]
+        out.append(f"pipeline bubble (last step): measured wall {b['measured']:.3f}, "
+                   f"logical {b['logical']:.3f}, formula {b['formula']:.3f}")
+        out.append(s["trace"]["gantt"])
+    if s["parity"] is not None:
+        p = s["parity"]
+        verdict = "OK" if p["ok"] else "FAILED"
+        out.append(f"parity vs serial: max rel err {p['max_rel_err']:.3e} (tol {p['tol']:.0e}) {verdict}")
+        if p.get("failure"):
+            out.append(p["failure"])
+    return "\n".join(out)
+
+
+def save_trace_png(summary, path):
+    from minipar import trace
+    trace.save_png(summary["_events"], path, "pipeline schedule, last step")
+
+
+def write_json(summary, path):
+    """Write atomically: a temporary file in the same folder, then rename over the target."""
+    data = {k: v for k, v in summary.items() if not k.startswith("_")}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=float)
+    os.replace(tmp, path)

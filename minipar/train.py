@@ -1,0 +1,206 @@
+# mpirun -n 8 python -m mpi4py -m minipar.train      (or: python -m minipar.train for one process)
+"""The training job: `mpirun -n N python -m minipar.train [flags]`.
+
+With no flags it trains the built-in reversal task on whatever world it finds:
+8 ranks -> dp 2 x pp 2 x tp 2 with ZeRO-1 and the 1F1B schedule; 1 rank -> the
+serial model. `--check` also runs the serial model on every rank in lockstep and
+prints the parity (max relative difference of loss, every gradient, parameter
+and Adam state) on each log line, failing the run if it leaves the tolerance.
+Rank 0 alone prints. Configuration is argparse into dataclasses: no exec, no
+environment-variable switches.
+"""
+import argparse
+import sys
+import time
+
+from minipar.data import make_task
+from minipar.dist.comm import CommLedger, Group
+from minipar.dist.grid import ProcessGrid, default_layout
+from minipar.engine import Engine, Layout, OptimConfig
+from minipar.nn import GPTConfig
+from minipar.parity import ParityError
+
+PRESETS = {   # name: (n_layer, n_head, d_model)
+    "tiny": (4, 4, 64),
+    "small": (6, 8, 128),
+    "bench": (4, 8, 512),
+}
+
+
+class UsageError(Exception):
+    """Bad flags or inputs: reported as one line, exit code 2, on every rank."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    p = Parser(prog="minipar.train", description="Train a GPT with data, tensor, pipeline and ZeRO parallelism.")
+    g = p.add_argument_group("layout (default: chosen from the world size)")
+    g.add_argument("--dp", type=int, help="data-parallel degree")
+    g.add_argument("--pp", type=int, help="pipeline stages")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree")
+    g.add_argument("--sequence-parallel", action="store_true", help="shard layer norms/dropout along the sequence")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="ZeRO stage over the dp group (default: 1 for the automatic layout, else 0)")
+    g.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer state and step on the host")
+    g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb-h1"), default="1f1b")
+    g.add_argument("--micro-batches", type=int, default=None, help="micro-batches per dp rank (default: 2*pp)")
+    g.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pipeline rank (interleaved)")
+    g.add_argument("--collectives", choices=("mpi", "ring"), default="mpi", help="MPI's own or ring.py's")
+    g.add_argument("--bucket-mb", type=float, default=1.0, help="DDP gradient bucket size in MiB")
+    g.add_argument("--no-overlap", action="store_true", help="all-reduce after backward instead of during it")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    m.add_argument("--n-layer", type=int)
+    m.add_argument("--n-head", type=int)
+    m.add_argument("--d-model", type=int)
+    m.add_argument("--seq-len", type=int, help="context length (built-in task: fixed by --n-digits)")
+    m.add_argument("--vocab", type=int, help="vocabulary size (default: the task's, rounded up to a multiple of 8)")
+    m.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
+    m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--precision", choices=("fp64", "fp32", "mixed"), default="fp32")
+    t = p.add_argument_group("training")
+    t.add_argument("--data", help="train character-level on this text file instead of the built-in task")
+    t.add_argument("--n-digits", type=int, default=8, help="built-in task: digits to reverse")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=32, help="global batch (samples per step)")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping (<= 0: off)")
+    t.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("output")
+    o.add_argument("--log-every", type=int, default=25)
+    o.add_argument("--eval-samples", type=int, default=256)
+    o.add_argument("--check", action="store_true", help="compare against the serial run every step")
+    o.add_argument("--report", help="write a JSON report to this path")
+    o.add_argument("--trace", help="draw the pipeline Gantt chart to this PNG (needs matplotlib)")
+    return p
+
+
+def configure(args, world_size):
+    """Turn flags into (GPTConfig, Layout, OptimConfig, task); raise UsageError on bad input."""
+    auto = args.dp is None and args.pp is None and args.tp is None
+    if auto:
+        dp, pp, tp = default_layout(world_size)
+    else:
+        dp, pp, tp = args.dp or 1, args.pp or 1, args.tp or 1
+        if args.dp is None:
+            dp = max(world_size // (pp * tp), 1)
+    zero = args.zero if args.zero is not None else (1 if auto and dp > 1 else 0)
+    for flag in ("steps", "batch_size", "log_every", "virtual_stages", "n_digits", "eval_samples"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        task = make_task(args.data, args.seq_len, args.seed, args.n_digits)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    n_layer, n_head, d_model = PRESETS[args.preset]
+    vocab = args.vocab or -(-task.vocab_size // 8) * 8
+    if vocab < task.vocab_size:
+        raise UsageError(f"--vocab {vocab} is smaller than the task's {task.vocab_size} tokens")
+    micro = args.micro_batches or (2 * pp if pp > 1 else 1)
+    try:
+        cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=args.n_layer or n_layer,
+                        n_head=args.n_head or n_head, d_model=args.d_model or d_model,
+                        tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
+        layout = Layout(dp=dp, pp=pp, tp=tp, sequence_parallel=args.sequence_parallel, zero=zero,
+                        offload=args.offload, schedule=args.schedule, micro_batches=micro,
+                        virtual_stages=args.virtual_stages, bucket_bytes=int(args.bucket_mb * 2 ** 20),
+                        overlap=not args.no_overlap)
+        validate(cfg, layout, args.batch_size, world_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    optim = OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                        max_norm=args.max_norm if args.max_norm > 0 else None)
+    return cfg, layout, optim, task
+
+
+def validate(cfg, layout, batch, world_size):
+    """Every layout rule, checked identically on every rank before any collective."""
+    if layout.world_size != world_size:
+        raise ValueError(f"dp*pp*tp = {layout.dp}*{layout.pp}*{layout.tp} = {layout.world_size} "
+                         f"does not match the {world_size} ranks")
+    if cfg.n_head % layout.tp:
+        raise ValueError(f"n_head={cfg.n_head} is not divisible by tp={layout.tp}")
+    if cfg.vocab_size % layout.tp:
+        raise ValueError(f"vocab={cfg.vocab_size} is not divisible by tp={layout.tp} (pass --vocab)")
+    if layout.sequence_parallel and cfg.seq_len % layout.tp:
+        raise ValueError(f"sequence parallelism needs seq_len={cfg.seq_len} divisible by tp={layout.tp}")
+    if cfg.n_layer < layout.pp * layout.virtual_stages:
+        raise ValueError(f"{cfg.n_layer} layers cannot fill pp*virtual_stages = "
+                         f"{layout.pp * layout.virtual_stages} pipeline stages")
+    if layout.schedule == "interleaved" and layout.micro_batches % layout.pp:
+        raise ValueError(f"the interleaved schedule needs micro-batches ({layout.micro_batches}) "
+                         f"to be a multiple of pp={layout.pp}")
+    if layout.virtual_stages > 1 and layout.schedule != "interleaved":
+        raise ValueError("--virtual-stages > 1 needs --schedule interleaved")
+    if layout.zero == 3 and (layout.tp > 1 or layout.pp > 1):
+        raise ValueError("ZeRO-3 is supported with data parallelism only (use --zero 1 or 2 with tp/pp)")
+    if batch % (layout.dp * layout.micro_batches):
+        raise ValueError(f"global batch {batch} does not split into dp={layout.dp} x "
+                         f"micro-batches={layout.micro_batches} equal parts")
+
+
+def main(argv=None):
+    world = Group.world(ledger=CommLedger())
+    say = print if world.rank == 0 else (lambda *a, **k: None)
+    try:
+        args = build_parser().parse_args(argv)
+        cfg, layout, optim, task = configure(args, world.size)
+    except UsageError as err:
+        if world.rank == 0:
+            print(f"minipar.train: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    world = world.using(algorithm=args.collectives)
+    from minipar import report
+    grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp) if world.size > 1 else None
+    tracer = report.make_tracer(world.rank) if layout.pp > 1 else None
+    engine = Engine(cfg, layout, optim, args.seed, grid, tracer)
+    serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed) if args.check else None
+    checker = world.using(ledger=CommLedger(), name="check")   # verdict traffic kept out of the run's ledger
+    say(report.header(cfg, layout, optim, task, grid, engine), flush=True)
+
+    acc0 = engine.accuracy(task, args.eval_samples)
+    say(f"held-out accuracy before training: {acc0:.3f}", flush=True)
+    losses, step_times, parity_errs, start = [], [], [], time.perf_counter()
+    tokens, failure = args.batch_size * cfg.seq_len, None
+    for step in range(args.steps):
+        if tracer is not None:
+            tracer.events.clear()                      # the summary shows the last step's timeline
+        t0 = time.perf_counter()
+        loss = engine.train_step(step, task, args.batch_size)
+        step_times.append(time.perf_counter() - t0)
+        losses.append(loss)
+        line = (f"step {step:5d} | loss {loss:.4f} | {tokens / step_times[-1]:9.0f} tok/s | "
+                f"{time.perf_counter() - start:6.1f} s")
+        if serial is not None:
+            serial_loss = serial.train_step(step, task, args.batch_size)
+            try:
+                parity_errs.append(report.parity(engine, serial, checker, loss, serial_loss, step))
+            except ParityError as err:                 # a collective verdict: every rank is here
+                failure = str(err)
+                say(line, flush=True)
+                break
+            line += f" | parity {parity_errs[-1]:.2e}"
+        if step % args.log_every == 0 or step == args.steps - 1:
+            say(line, flush=True)
+    acc1 = engine.accuracy(task, args.eval_samples)
+    say(f"held-out accuracy after training: {acc1:.3f} (chance {1 / 10 if args.data is None else 0:.2f})",
+        flush=True)
+    summary = report.summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_times,
+                               acc0, acc1, parity_errs, failure)
+    say(report.format_summary(summary), flush=True)
+    if args.trace and tracer is not None and world.rank == 0:
+        report.save_trace_png(summary, args.trace)
+    if args.report and world.rank == 0:
+        report.write_json(summary, args.report)
+        say(f"report written to {args.report}")
+    return 1 if summary.get("parity", {}).get("ok") is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
