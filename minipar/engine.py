@@ -232,3 +232,25 @@ class Engine:
         """{serial name: (parameter, {"m", "v", "master"})} for what this rank holds."""
         state = self.optimizer.state() if hasattr(self.optimizer, "state") else {}
         return {p.name: (p, state.get(p.name, {})) for p in self.params}
+
+    # ---- checkpoints (minipar/checkpoint.py) ---------------------------------------------------
+    def optimizer_step_count(self):
+        return self.optimizer.t
+
+    def load_state(self, state, t, loss_scale=None, clean_steps=None):
+        """Set parameters and optimizer state from {name: {"param", "master", "m", "v"}} local slices."""
+        if hasattr(self.optimizer, "load_state"):
+            self.optimizer.load_state(state, t)            # ZeRO: keeps only this rank's shard
+        else:
+            opt = self.optimizer
+            for i, p in enumerate(self.params):
+                s = state[p.name]
+                p.data[...] = s["param"]
+                if opt.master[i] is not p.data:
+                    opt.master[i][...] = s.get("master", s["param"])
+                for kind in ("m", "v"):
+                    if hasattr(opt, kind) and kind in s:
+                        getattr(opt, kind)[i][...] = s[kind]
+            opt.t = t
+        if self.scaler is not None and loss_scale is not None:
+            self.scaler.scale, self.scaler.clean_steps = loss_scale, clean_steps

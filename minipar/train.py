@@ -10,6 +10,7 @@ Rank 0 alone prints. Configuration is argparse into dataclasses: no exec, no
 environment-variable switches.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -78,6 +79,9 @@ def build_parser():
     o.add_argument("--check", action="store_true", help="compare against the serial run every step")
     o.add_argument("--report", help="write a JSON report to this path")
     o.add_argument("--trace", help="draw the pipeline Gantt chart to this PNG (needs matplotlib)")
+    o.add_argument("--save", metavar="DIR", help="write a checkpoint here at the end (atomically)")
+    o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    o.add_argument("--resume", metavar="DIR", help="continue from this checkpoint (any layout)")
     return p
 
 
@@ -94,6 +98,8 @@ def configure(args, world_size):
     for flag in ("steps", "batch_size", "log_every", "virtual_stages", "n_digits", "eval_samples"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.resume and not os.path.isfile(os.path.join(args.resume, "manifest.json")):
+        raise UsageError(f"no checkpoint at {args.resume} (missing manifest.json)")
     try:
         task = make_task(args.data, args.seq_len, args.seed, args.n_digits)
     except (OSError, ValueError) as err:
@@ -164,11 +170,22 @@ def main(argv=None):
     checker = world.using(ledger=CommLedger(), name="check")   # verdict traffic kept out of the run's ledger
     say(report.header(cfg, layout, optim, task, grid, engine), flush=True)
 
+    first = 0
+    if args.resume:
+        from minipar import checkpoint
+        try:
+            first = checkpoint.load(args.resume, engine)
+            if serial is not None:
+                checkpoint.load(args.resume, serial)
+        except checkpoint.CheckpointError as err:    # every rank reads the same files: all fail alike
+            say(f"minipar.train: error: {err}", file=sys.stderr, flush=True)
+            return 2
+        say(f"resumed from {args.resume} at step {first}", flush=True)
     acc0 = engine.accuracy(task, args.eval_samples)
     say(f"held-out accuracy before training: {acc0:.3f}", flush=True)
     losses, step_times, parity_errs, start = [], [], [], time.perf_counter()
     tokens, failure = args.batch_size * cfg.seq_len, None
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         if tracer is not None:
             tracer.events.clear()                      # the summary shows the last step's timeline
         t0 = time.perf_counter()
@@ -188,18 +205,25 @@ def main(argv=None):
             line += f" | parity {parity_errs[-1]:.2e}"
         if step % args.log_every == 0 or step == args.steps - 1:
             say(line, flush=True)
+        if args.save and args.save_every and (step + 1) % args.save_every == 0:
+            from minipar import checkpoint
+            checkpoint.save(args.save, engine, step + 1, world)
     acc1 = engine.accuracy(task, args.eval_samples)
     say(f"held-out accuracy after training: {acc1:.3f} (chance {1 / 10 if args.data is None else 0:.2f})",
         flush=True)
     summary = report.summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_times,
                                acc0, acc1, parity_errs, failure)
     say(report.format_summary(summary), flush=True)
+    if args.save:
+        from minipar import checkpoint
+        checkpoint.save(args.save, engine, len(losses) + first, world)
+        say(f"checkpoint written to {args.save}", flush=True)
     if args.trace and tracer is not None and world.rank == 0:
         report.save_trace_png(summary, args.trace)
     if args.report and world.rank == 0:
         report.write_json(summary, args.report)
         say(f"report written to {args.report}")
-    return 1 if summary.get("parity", {}).get("ok") is False else 0
+    return 1 if (summary["parity"] or {}).get("ok") is False else 0
 
 
 if __name__ == "__main__":
