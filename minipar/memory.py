@@ -1,0 +1,309 @@
+"""Memory: a ledger of what each rank holds, and the formulas it must agree with.
+
+Part 1, the ledger. Every parameter, gradient, master weight, Adam state, saved
+activation, padding and communication buffer is registered by name with its
+bytes, a *category* and a *placement* ("device" or "host", the latter for
+ZeRO-Offload). The ledger keeps the current bytes and the peak bytes per
+category x placement cell, per category, per placement and in total:
+
+                 device        host
+    param        2Φ            .          <- mixed precision, plain DP
+    grad         2Φ            .
+    master       4Φ            .          <- K = 12 bytes/param of optimizer
+    optim_m      4Φ            .             state: master + m + v, fp32
+    optim_v      4Φ            .
+    activation   saved(n) - released(n)   <- fed by autograd.track_saved
+    padding      flat buffers rounded up to a multiple of N
+    buffer       communication / staging buffers
+
+Accounting is not measuring. `measure_alive()` reads what Python really has
+allocated (NumPy reports its array buffers to `tracemalloc`), so a test can
+check that the ledger's categories add up to what is alive.
+
+Part 2, the analytic formulas, with Φ parameters and N the data-parallel degree
+(ZeRO: Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models"; activations: Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models"). Per rank, mixed precision:
+
+    stage 0 (DP)      (2 + 2 + K)Φ         = 16Φ
+    stage 1 (P_os)    (2 + 2)Φ + KΦ/N      = 4Φ + 12Φ/N
+    stage 2 (P_os+g)  2Φ + (2 + K)Φ/N      = 2Φ + 14Φ/N
+    stage 3 (P_os+g+p) (2 + 2 + K)Φ/N      = 16Φ/N
+"""
+import tracemalloc
+from contextlib import contextmanager
+
+import numpy
+
+from minipar.backend import PRECISIONS
+
+CATEGORIES = ("param", "grad", "master", "optim_m", "optim_v", "activation", "padding", "buffer")
+PLACEMENTS = ("device", "host")
+MODEL_STATE = ("param", "grad", "master", "optim_m", "optim_v", "padding")
+OPTIMIZER_STATE = ("master", "optim_m", "optim_v")   # the K·Φ part Offload moves to the host
+
+
+# ----------------------------------------------------------------------------- ledger
+
+class MemoryLedger:
+    """Bytes one rank holds, by name, category and placement, with peaks."""
+
+    def __init__(self, rank=0):
+        self.rank = rank
+        self._entries = {}        # name -> (nbytes, category, placement)
+        self._saved = 0           # anonymous activation bytes from saved()/released()
+        # current and peak bytes, keyed (category or None, placement or None);
+        # None means "summed over all", so (None, None) is the rank's total
+        self._current = {}
+        self._peak = {}
+
+    # -- registering arrays
+
+    def add(self, name, nbytes_or_array, category, placement="device"):
+        """Register `name` (an array, whose .nbytes is used, or a byte count).
+        Re-adding an existing name replaces it (a resize); returns the bytes."""
+        _check(category, placement)
+        nbytes = getattr(nbytes_or_array, "nbytes", nbytes_or_array)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, numpy.integer)) or nbytes < 0:
+            raise ValueError(f"{name!r}: expected an array or a byte count >= 0, got {nbytes_or_array!r}")
+        if name in self._entries:
+            self.remove(name)
+        self._entries[name] = (int(nbytes), category, placement)
+        self._change(category, placement, int(nbytes))
+        return int(nbytes)
+
+    def remove(self, name):
+        """Forget `name` (its memory was freed)."""
+        try:
+            nbytes, category, placement = self._entries.pop(name)
+        except KeyError:
+            raise KeyError(f"rank {self.rank}: no array named {name!r} in the memory ledger") from None
+        self._change(category, placement, -nbytes)
+
+    def __contains__(self, name):
+        return name in self._entries
+
+    def names(self, category=None, placement=None):
+        """Registered names, optionally of one category and/or placement."""
+        return [n for n, (_, c, p) in self._entries.items()
+                if category in (None, c) and placement in (None, p)]
+
+    # -- the saved-activation tracker protocol of autograd.track_saved
+
+    def saved(self, nbytes):
+        """A Function saved `nbytes` for backward: category "activation"."""
+        self._saved += nbytes
+        self._change("activation", "device", nbytes)
+
+    def released(self, nbytes):
+        """Its backward ran and the saved arrays were dropped."""
+        if nbytes > self._saved:
+            raise ValueError(f"rank {self.rank}: released {nbytes} activation bytes, "
+                             f"but only {self._saved} are saved")
+        self._saved -= nbytes
+        self._change("activation", "device", -nbytes)
+
+    # -- reading it
+
+    def current(self, category=None, placement=None):
+        """Bytes held now (None = summed over all categories / placements)."""
+        _check(category, placement, allow_none=True)
+        return self._current.get((category, placement), 0)
+
+    def peak(self, category=None, placement=None):
+        """Most bytes held at any moment since creation or `reset_peak()`. The peak
+        of a total is the peak of the sum, not the sum of the parts' peaks."""
+        _check(category, placement, allow_none=True)
+        return self._peak.get((category, placement), 0)
+
+    def reset_peak(self):
+        """Start a new peak window (e.g. one training step) from the current bytes."""
+        self._peak = dict(self._current)
+
+    def by_category(self, placement=None):
+        """{category: current bytes} for every category."""
+        return {c: self.current(c, placement) for c in CATEGORIES}
+
+    def model_state_bytes(self, placement=None):
+        """Parameters + gradients + master + Adam m, v + padding: what the ZeRO
+        formulas predict."""
+        return sum(self.current(c, placement) for c in MODEL_STATE)
+
+    def report(self):
+        """A JSON-able summary: totals and every category x placement cell."""
+        return {
+            "rank": self.rank,
+            "current": self.current(),
+            "peak": self.peak(),
+            "model_state": self.model_state_bytes(),
+            "by_category": {c: {p: {"current": self.current(c, p), "peak": self.peak(c, p)}
+                                for p in PLACEMENTS} for c in CATEGORIES},
+        }
+
+    def _change(self, category, placement, delta):
+        for key in ((category, placement), (category, None), (None, placement), (None, None)):
+            now = self._current.get(key, 0) + delta
+            self._current[key] = now
+            self._peak[key] = max(self._peak.get(key, 0), now)
+
+
+def _check(category, placement, allow_none=False):
+    if not (category in CATEGORIES or (allow_none and category is None)):
+        raise ValueError(f"unknown memory category {category!r}: expected one of {', '.join(CATEGORIES)}")
+    if not (placement in PLACEMENTS or (allow_none and placement is None)):
+        raise ValueError(f"unknown placement {placement!r}: expected 'device' or 'host'")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def traced_bytes():
+    """(current, peak) bytes Python has allocated, as tracemalloc sees them
+    (NumPy array buffers included); (0, 0) when tracemalloc is not tracing."""
+    return tracemalloc.get_traced_memory()
+
+
+class AliveBytes:
+    """What `measure_alive()` sees, in bytes relative to the start of the block:
+    `now()` while inside it; `alive` (still allocated) and `peak` (high-water
+    mark) once it has ended."""
+
+    def __init__(self, base):
+        self.base, self.alive, self.peak = base, 0, 0
+
+    def now(self):
+        return tracemalloc.get_traced_memory()[0] - self.base
+
+
+@contextmanager
+def measure_alive():
+    """The cross-check for the ledger: measure real allocations inside a block.
+
+        with measure_alive() as m:
+            w = numpy.zeros(1000); ledger.add("w", w, "param")
+            assert m.now() ~= ledger.current()   # up to Python object overhead
+
+    Starts tracemalloc if needed (slow while on) and resets its peak, so blocks
+    must not be nested. tracemalloc forgets everything when it stops, so only
+    arrays allocated inside the block are seen (freeing older ones is not)."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    result = AliveBytes(tracemalloc.get_traced_memory()[0])
+    try:
+        yield result
+    finally:
+        now, peak = tracemalloc.get_traced_memory()
+        result.alive, result.peak = now - result.base, peak - result.base
+        if started:
+            tracemalloc.stop()
+
+
+# ----------------------------------------------------------------------------- ZeRO formulas
+
+def bytes_per_param(precision="mixed"):
+    """Bytes per parameter of each model-state category under a policy of
+    backend.PRECISIONS: mixed = fp16 param + grad, fp32 master + m + v (K = 12);
+    fp32 / fp64 keep no master copy (K = 8 / 16)."""
+    try:
+        pol = PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}: "
+                         f"expected one of {', '.join(PRECISIONS)}") from None
+    low, high = numpy.dtype(pol.param_dtype).itemsize, numpy.dtype(pol.master_dtype).itemsize
+    return {"param": low, "grad": low, "master": high if pol.has_master else 0,
+            "optim_m": high, "optim_v": high}
+
+
+def padded_numel(phi, n):
+    """Length of a flat buffer of Φ elements padded to a multiple of N, so it
+    splits into N equal shards: ceil(Φ/N)·N. Padding is this minus Φ."""
+    return -(-int(phi) // int(n)) * int(n)
+
+
+def model_state_breakdown(phi, n, stage, precision="mixed", padded=False):
+    """Per-rank bytes {param, grad, master, optim_m, optim_v} for ZeRO `stage`
+    (0 = plain DP). Stage s shards: 1 the optimizer states, 2 also the grads,
+    3 also the params; a sharded category holds Φ/N elements, or with
+    `padded` ceil(Φ/N) (the padding is counted in the category)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    if phi < 0 or n < 1:
+        raise ValueError(f"need Φ >= 0 and N >= 1, got Φ={phi}, N={n}")
+    shard = padded_numel(phi, n) / n if padded else phi / n
+    sharded = {"param": stage >= 3, "grad": stage >= 2,
+               "master": stage >= 1, "optim_m": stage >= 1, "optim_v": stage >= 1}
+    return {cat: size * (shard if sharded[cat] else phi)
+            for cat, size in bytes_per_param(precision).items()}
+
+
+def model_state_bytes_formula(phi, n, stage, precision="mixed", offload=False, padded=False):
+    """Model-state bytes per rank (ZeRO paper §5, figure 1): mixed 16Φ,
+    4Φ+12Φ/N, 2Φ+14Φ/N, 16Φ/N for stages 0..3; fp32 16Φ, 8Φ+8Φ/N, 4Φ+12Φ/N,
+    16Φ/N; fp64 twice fp32. With `offload` (ZeRO-Offload) returns
+    (device_bytes, host_bytes): the optimizer part (master + m + v, K·Φ/N when
+    sharded) lives on the host."""
+    parts = model_state_breakdown(phi, n, stage, precision, padded)
+    host = sum(parts[c] for c in OPTIMIZER_STATE)
+    total = sum(parts.values())
+    return (total - host, host) if offload else total
+
+
+# ----------------------------------------------------------------------------- communication
+
+def comm_elements_per_step(phi, n, stage):
+    """Elements each rank sends per step for gradient sync (ring algorithms).
+    DP / ZeRO-1 / ZeRO-2: all-reduce, or reduce-scatter + all-gather: 2Φ(N-1)/N.
+    ZeRO-3: reduce-scatter grads + all-gather params in forward and again in
+    backward: 3Φ(N-1)/N (1.5x DP)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    return (3 if stage == 3 else 2) * phi * (n - 1) / n
+
+
+def tp_comm_elements(b, s, h, t, n_layers=1, sequence_parallel=False):
+    """Elements each rank sends per micro-batch for Megatron tensor parallelism:
+    per layer two all-reduces of b·s·h forward (g after attention and MLP) and
+    two backward (f), each 2(t-1)/t·bsh: 8·b·s·h·(t-1)/t. Sequence parallelism
+    swaps each all-reduce for a reduce-scatter + all-gather of the same volume
+    (Korthikanti et al. §4.2.2), so the count is the same."""
+    del sequence_parallel   # same volume, kept so call sites can say which
+    return 8 * b * s * h * (t - 1) / t * n_layers
+
+
+def pp_comm_elements(b, s, h, micro_batches=1):
+    """Elements sent across one pipeline-stage boundary per step, each direction:
+    one b·s·h activation forward (and its gradient backward) per micro-batch."""
+    return b * s * h * micro_batches
+
+
+# ----------------------------------------------------------------------------- activations
+
+def activation_bytes_formula(s, b, h, a, t=1, sequence_parallel=False, bytes_per=2, mask_bytes=1):
+    """Activation bytes one transformer layer keeps for backward (Korthikanti et
+    al. 2022, §4), for sequence s, micro-batch b, hidden h, heads a, TP degree t.
+    The paper's counts are bytes with fp16 activations (2 bytes) and 1-byte
+    dropout masks:
+        no parallelism  s·b·h·(34 + 5·a·s/h)
+        TP              s·b·h·(10 + 24/t + 5·a·s/(h·t))
+        TP + SP         s·b·h/t·(34 + 5·a·s/h)
+    They come from element counts, which is how other dtypes are handled:
+    16·sbh + 2·as²b activation elements (of which 4·sbh, the LayerNorm and
+    first-matmul inputs, are replicated under TP without SP) and 2·sbh + as²b
+    mask elements (2·sbh replicated). Pass mask_bytes=0 for a model without
+    dropout."""
+    sbh, as2b = s * b * h, a * s * s * b
+    if t == 1 or sequence_parallel:
+        replicated, sharded = 0, 16 * sbh + 2 * as2b
+        mask_replicated, mask_sharded = 0, 2 * sbh + as2b
+    else:
+        replicated, sharded = 4 * sbh, 12 * sbh + 2 * as2b
+        mask_replicated, mask_sharded = 2 * sbh, as2b
+    return (bytes_per * (replicated + sharded / t)
+            + mask_bytes * (mask_replicated + mask_sharded / t))
+
+
+def gb(nbytes):
+    """Bytes in GB, 1 GB = 1e9 bytes (the ZeRO paper's unit)."""
+    return nbytes / 1e9
+

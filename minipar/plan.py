@@ -1,0 +1,252 @@
+# python -m minipar.plan --params 7.5e9 --gpus 64
+"""Plan a training run on paper: memory and communication per GPU, per strategy.
+
+    python -m minipar.plan --params 7.5e9 --gpus 64          # ZeRO paper, figure 1
+    python -m minipar.plan --table1                          # ZeRO paper, Table 1
+    python -m minipar.plan --gpus 64 --tp 8 --pp 2 --micro-batches 8 \\
+        --layers 32 --hidden 4096 --heads 32 --seq 2048 --batch 1 --vocab 50304
+
+Model states use the ZeRO formulas of memory.py with N = the data-parallel
+degree gpus / (tp·pp), each model-parallel rank holding Φ/(tp·pp) parameters
+(an even split: the embedding is not special-cased). Activations use
+Korthikanti et al. 2022 for the first pipeline stage under 1F1B, which keeps
+min(p, m) micro-batches of L/p layers. Communication counts the elements one
+GPU sends per step with ring collectives. 1 GB = 1e9 bytes, as in the paper.
+
+Φ from a model shape (GPT, Megatron's count): 12·L·h² + (V + s)·h, i.e.
+attention 4h² + MLP 8h² per layer plus token and position embeddings (the
+output layer tied to the token embedding). `--biases` adds 13·L·h + 2h for
+linear biases and LayerNorm weights.
+"""
+import argparse
+import math
+import sys
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
+
+from minipar.memory import (activation_bytes_formula, bytes_per_param, comm_elements_per_step,
+                            gb, model_state_breakdown, model_state_bytes_formula,
+                            pp_comm_elements, tp_comm_elements)
+
+STAGES = (("DP (no ZeRO)", 0), ("ZeRO-1  P_os", 1), ("ZeRO-2  P_os+g", 2), ("ZeRO-3  P_os+g+p", 3))
+ACTIVATION_BYTES = {"mixed": 2, "fp32": 4, "fp64": 8}   # fp16 activations under mixed, as Megatron
+
+# ZeRO paper (Rajbhandari et al. 2020), Table 1: per-device memory (GB) of
+# P_os, P_os+g, P_os+g+p, mixed precision with Adam (K = 12), as printed.
+TABLE1_MODELS = (("7.5B", 7.5e9), ("128B", 128e9), ("1T", 1e12))
+TABLE1_DP = (1, 4, 16, 64, 256, 1024)
+PUBLISHED_TABLE1 = {
+    "7.5B": {1: ("120", "120", "120"), 4: ("52.5", "41.3", "30"), 16: ("35.6", "21.6", "7.5"),
+             64: ("31.4", "16.6", "1.88"), 256: ("30.4", "15.4", "0.47"), 1024: ("30.1", "15.1", "0.12")},
+    "128B": {1: ("2048", "2048", "2048"), 4: ("896", "704", "512"), 16: ("608", "368", "128"),
+             64: ("536", "284", "32"), 256: ("518", "263", "8"), 1024: ("513", "257", "2")},
+    "1T": {1: ("16000", "16000", "16000"), 4: ("7000", "5500", "4000"), 16: ("4750", "2875", "1000"),
+           64: ("4187", "2218", "250"), 256: ("4046", "2054", "62.5"), 1024: ("4011", "2013", "15.6")},
+}
+
+
+# ----------------------------------------------------------------------------- formulas
+
+def gpt_param_count(n_layers, hidden, vocab, seq_len, biases=False, tied_embeddings=True):
+    """Φ of a GPT: 12·L·h² + (V + s)·h (+ 13·L·h + 2h with biases and LayerNorms,
+    + V·h when the output layer is not tied to the token embedding)."""
+    phi = 12 * n_layers * hidden ** 2 + (vocab + seq_len) * hidden
+    if biases:
+        phi += 13 * n_layers * hidden + 2 * hidden
+    if not tied_embeddings:
+        phi += vocab * hidden
+    return phi
+
+
+def figure1_round(value):
+    """One decimal, half up, no trailing '.0' (ZeRO figure 1: 120, 31.4, 16.6, 1.9)."""
+    return _strip(Decimal(value).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
+def table1_round(value):
+    """How ZeRO's Table 1 prints GB: from 100 up the fraction is dropped
+    (4187.5 -> 4187), from 10 one decimal, below two, half up, no trailing zeros."""
+    value = Decimal(value)
+    if value >= 100:
+        return _strip(value.quantize(Decimal("1"), rounding=ROUND_FLOOR))
+    step = Decimal("0.1") if value >= 10 else Decimal("0.01")
+    return _strip(value.quantize(step, rounding=ROUND_HALF_UP))
+
+
+def _strip(d):
+    text = f"{d:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def table1():
+    """Table 1 computed from the formulas: {model: {N: (P_os, P_os+g, P_os+g+p) strings}}."""
+    return {name: {n: tuple(table1_round(gb(model_state_bytes_formula(phi, n, stage)))
+                            for stage in (1, 2, 3))
+                   for n in TABLE1_DP}
+            for name, phi in TABLE1_MODELS}
+
+
+def _formula(precision, stage, cats):
+    """'4Φ + 12Φ/N' style text for the summed categories `cats`."""
+    sizes = bytes_per_param(precision)
+    shard = model_state_breakdown(1, 2, stage, precision)      # Φ=1, N=2: sharded parts are halved
+    full = sum(sizes[c] for c in cats if shard[c] == sizes[c])
+    part = sum(sizes[c] for c in cats if shard[c] != sizes[c])
+    terms = ([f"{full}Φ"] if full else []) + ([f"{part}Φ/N"] if part else [])
+    return " + ".join(terms) or "0"
+
+
+# ----------------------------------------------------------------------------- report sections
+
+def print_zero_table(phi, n, precision, offload, model_parallel=1):
+    """One row per ZeRO stage: the formula and GB per GPU (device and host with
+    --offload, where the optimizer part master + m + v lives on the host)."""
+    sizes = bytes_per_param(precision)
+    k = sizes["master"] + sizes["optim_m"] + sizes["optim_v"]
+    split = f" / {model_parallel} model-parallel ranks" if model_parallel > 1 else ""
+    print("Model-state memory per GPU (ZeRO, Rajbhandari et al. 2020)")
+    print(f"  Φ = {phi:.4g} parameters{split}, N = {n} data-parallel GPUs, "
+          f"precision {precision} (K = {k}), 1 GB = 1e9 bytes")
+    phi = phi / model_parallel
+    on_device, optimizer = ("param", "grad"), ("master", "optim_m", "optim_v")
+    if offload:
+        print(f"  {'strategy':<18}{'device formula':<16}{'device GB':>10}   {'host formula':<14}{'host GB':>8}")
+    else:
+        print(f"  {'strategy':<18}{'formula':<16}{'GB/GPU':>8}")
+    for label, stage in STAGES:
+        if offload:
+            device, host = model_state_bytes_formula(phi, n, stage, precision, offload=True)
+            print(f"  {label:<18}{_formula(precision, stage, on_device):<16}{figure1_round(gb(device)):>10}"
+                  f"   {_formula(precision, stage, optimizer):<14}{figure1_round(gb(host)):>8}")
+        else:
+            total = model_state_bytes_formula(phi, n, stage, precision)
+            print(f"  {label:<18}{_formula(precision, stage, on_device + optimizer):<16}"
+                  f"{figure1_round(gb(total)):>8}")
+
+
+def print_table1():
+    print("ZeRO paper Table 1: per-device model-state memory (GB), mixed precision, Adam (K = 12)")
+    print((f"  {'':>5}" + "".join(f"   {name + ' model':<23}" for name, _ in TABLE1_MODELS)).rstrip())
+    print(f"  {'DP':>5}" + "   P_os    P_os+g  P_os+g+p" * len(TABLE1_MODELS))
+    computed = table1()
+    for n in TABLE1_DP:
+        cells = "".join(f"   {a:<8}{b:<8}{c:<7}" for a, b, c in (computed[m][n] for m, _ in TABLE1_MODELS))
+        print(f"  {n:>5}{cells}".rstrip())
+
+
+def print_activations(args, dp):
+    bytes_per = ACTIVATION_BYTES[args.precision]
+    s, b, h, a, t = args.seq, args.batch, args.hidden, args.heads, args.tp
+    in_flight = min(args.pp, args.micro_batches)
+    layers = args.layers // args.pp
+    print("Activation memory per GPU (Korthikanti et al. 2022, §4; "
+          f"{bytes_per}-byte activations, 1-byte dropout masks)")
+    print(f"  s = {s}, b = {b} per micro-batch, h = {h}, a = {a}, t = {t}, p = {args.pp}, "
+          f"{dp} DP ranks; 1F1B first stage keeps {in_flight} micro-batch(es) x {layers} layers")
+    rows = (("no TP", "sbh(34 + 5as/h)", 1, False),
+            (f"TP t={t}", "sbh(10 + 24/t + 5as/(ht))", t, False),
+            (f"TP+SP t={t}", "sbh/t(34 + 5as/h)", t, True))
+    print(f"  {'':<16}{'per layer':<28}{'GB/layer':>10}{'GB/GPU':>10}")
+    for label, text, tp, sp in rows:
+        layer = activation_bytes_formula(s, b, h, a, t=tp, sequence_parallel=sp, bytes_per=bytes_per)
+        print(f"  {label:<16}{text:<28}{_fmt(gb(layer)):>10}{_fmt(gb(layer * layers * in_flight)):>10}")
+
+
+def print_communication(args, phi, dp):
+    grad_bytes = bytes_per_param(args.precision)["grad"]
+    act_bytes = ACTIVATION_BYTES[args.precision]
+    b, s, h, m = args.batch, args.seq, args.hidden, args.micro_batches
+    phi = phi / (args.tp * args.pp)
+    rows = (("DP / ZeRO-1 / ZeRO-2", "2Φ(N-1)/N", comm_elements_per_step(phi, dp, 0), grad_bytes),
+            ("ZeRO-3", "3Φ(N-1)/N", comm_elements_per_step(phi, dp, 3), grad_bytes),
+            (f"TP t={args.tp}", "8bsh(t-1)/t x L/p x m",
+             tp_comm_elements(b, s, h, args.tp, args.layers // args.pp) * m, act_bytes),
+            (f"PP p={args.pp}", "bsh x m, each direction",
+             pp_comm_elements(b, s, h, m) if args.pp > 1 else 0, act_bytes))
+    print(f"Communication per step, sent by one GPU (ring collectives; N = {dp}, m = {m} micro-batches)")
+    print(f"  {'strategy':<22}{'elements':<24}{'count':>12}{'GB':>10}")
+    for label, text, elements, size in rows:
+        print(f"  {label:<22}{text:<24}{elements:>12.4g}{_fmt(gb(elements * size)):>10}")
+
+
+def _fmt(x):
+    return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad input: one line on stderr, exit code 2, no traceback, no usage dump."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = float(text) if kind is float else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+SHAPE = ("layers", "hidden", "heads", "seq", "batch", "vocab")
+
+
+def build_parser():
+    p = _Parser(prog="python -m minipar.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--params", type=_positive(float), help="Φ, the parameter count (e.g. 7.5e9)")
+    p.add_argument("--gpus", type=_positive(int), help="total GPUs; N = gpus / (tp·pp)")
+    p.add_argument("--precision", choices=("mixed", "fp32", "fp64"), default="mixed")
+    p.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer states on the host")
+    p.add_argument("--table1", action="store_true", help="print the ZeRO paper's Table 1")
+    for name, help_ in zip(SHAPE, ("transformer layers L", "hidden size h", "attention heads a",
+                                   "sequence length s", "micro-batch size b", "vocabulary size V")):
+        p.add_argument(f"--{name}", type=_positive(int), help=help_)
+    p.add_argument("--biases", action="store_true", help="count biases and LayerNorms in Φ")
+    p.add_argument("--tp", type=_positive(int), default=1, help="tensor-parallel degree t")
+    p.add_argument("--pp", type=_positive(int), default=1, help="pipeline-parallel degree p")
+    p.add_argument("--micro-batches", type=_positive(int), default=1, help="micro-batches m per step")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = [name for name in SHAPE if getattr(args, name) is not None]
+    if given and len(given) < len(SHAPE):
+        parser.error("the model shape needs all of " + ", ".join(f"--{n}" for n in SHAPE)
+                     + "; missing " + ", ".join(f"--{n}" for n in SHAPE if n not in given))
+    if not args.table1 and args.gpus is None:
+        parser.error("--gpus is required (or --table1)")
+    if args.gpus is not None and args.gpus % (args.tp * args.pp):
+        parser.error(f"--gpus {args.gpus} is not a multiple of tp·pp = {args.tp * args.pp}")
+    if given and (args.layers % args.pp or args.heads % args.tp):
+        parser.error(f"need layers % pp == 0 and heads % tp == 0, got L={args.layers}, "
+                     f"p={args.pp}, a={args.heads}, t={args.tp}")
+    phi = args.params
+    if phi is None and given:
+        phi = gpt_param_count(args.layers, args.hidden, args.vocab, args.seq, biases=args.biases)
+        print(f"Φ = 12·L·h² + (V + s)·h{' + 13·L·h + 2h' if args.biases else ''} = {phi:,} parameters\n")
+    if phi is None and args.gpus is not None:
+        parser.error("give --params, or the model shape (" + " ".join(f"--{n}" for n in SHAPE) + ")")
+
+    if args.table1:
+        print_table1()
+    if args.gpus is not None:
+        if args.table1:
+            print()
+        dp = args.gpus // (args.tp * args.pp)
+        print_zero_table(phi, dp, args.precision, args.offload, model_parallel=args.tp * args.pp)
+        if given:
+            print()
+            print_activations(args, dp)
+            print()
+            print_communication(args, phi, dp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
