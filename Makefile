@@ -1,0 +1,83 @@
+# minipar: `make` lists the targets. A fresh machine needs only python3 + pip:
+# the first target that needs it builds .venv with numpy, mpi4py and MPICH.
+
+PY      ?= .venv/bin/python
+MPIEXEC ?= .venv/bin/mpiexec
+NP      ?= 8
+# run MPI ranks as `python -m mpi4py`: an uncaught exception on any rank
+# aborts the whole job instead of leaving the other ranks waiting
+MPIPY   := $(PY) -m mpi4py
+PYTEST  := -m pytest -p no:cacheprovider -q
+VENV    := .venv/.installed
+
+# one BLAS thread per rank, so NP ranks on a small machine don't fight
+export OPENBLAS_NUM_THREADS := 1
+export OMP_NUM_THREADS      := 1
+export MKL_NUM_THREADS      := 1
+
+STRATEGIES := dp tp pp zero offload 3d
+
+.PHONY: help install train test test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
+
+help:  ## list the targets
+	@echo "minipar make targets (variables: PY=$(PY) MPIEXEC=$(MPIEXEC) NP=$(NP))"
+	@echo "  install       create .venv and install minipar[test,mpich] (editable)"
+	@echo "  train         $(MPIEXEC) -n 8 python -m mpi4py -m minipar.train"
+	@echo "  test          serial tests, then MPI tests on $(NP) ranks, then tutorials"
+	@echo "  test-serial   tests not marked mpi"
+	@echo "  test-mpi      tests marked mpi, on $(NP) ranks"
+	@echo "  test-dp test-tp test-pp test-zero test-offload test-3d"
+	@echo "                one strategy's tests (serial + MPI), e.g. as a grader"
+	@echo "  tutorials     run every tutorials/NN_*.py (rank count from its first line)"
+	@echo "  bench         benchmarks/run.py"
+	@echo "  clean         remove .venv, caches and outputs"
+
+install: $(VENV)
+
+$(VENV): setup.cfg pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test,mpich]'
+	touch $@
+
+train: $(VENV)
+	$(MPIEXEC) -n 8 $(MPIPY) -m minipar.train
+
+# serial first (fast failures), then MPI, then the tutorials, in that order
+test: $(VENV)
+	$(PY) $(PYTEST) -m "not mpi"
+	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m mpi
+	$(MAKE) tutorials
+
+test-serial: $(VENV)
+	$(PY) $(PYTEST) -m "not mpi"
+
+test-mpi: $(VENV)
+	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m mpi
+
+# test-dp, test-tp, ...: serial tests of that marker, then the MPI ones.
+# pytest exits 5 when a marker selects no tests; only that code is forgiven.
+$(addprefix test-,$(STRATEGIES)): test-%: $(VENV)
+	$(PY) $(PYTEST) -m "$* and not mpi" || [ $$? -eq 5 ]
+	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m "$* and mpi" || [ $$? -eq 5 ]
+
+# each tutorial's first line is its command, e.g.
+#   # mpirun -n 4 python -m mpi4py tutorials/03_collectives.py
+# files whose first line names no `-n N` run serially
+tutorials: $(VENV)
+	@set -e; for f in tutorials/[0-9][0-9]_*.py; do \
+	  [ -e "$$f" ] || continue; \
+	  n=$$(head -n 1 "$$f" | sed -n 's/.* -n \([0-9][0-9]*\).*/\1/p'); \
+	  if [ -z "$$n" ]; then \
+	    echo "== $$f (serial)"; $(PY) "$$f"; \
+	  else \
+	    echo "== $$f (-n $$n)"; timeout 600 $(MPIEXEC) -n $$n $(MPIPY) "$$f"; \
+	  fi; \
+	done
+
+bench: $(VENV)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .hypothesis out reports
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

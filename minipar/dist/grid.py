@@ -1,0 +1,130 @@
+"""ProcessGrid: the dp x pp x tp layout of the ranks, and one Group per axis.
+
+Rank numbering, tp fastest, then pp, then dp (Megatron-LM's order: the ranks of
+a tensor-parallel group are neighbours, which on real clusters means the same
+node and its fast links, since TP talks most):
+
+    rank = (d * pp + p) * tp + t        d < dp, p < pp, t < tp
+
+Example dp=2, pp=2, tp=2 (8 ranks):
+
+             pipeline stage p=0      pipeline stage p=1
+    d = 0    ranks 0 1  (t = 0 1)    ranks 2 3
+    d = 1    ranks 4 5               ranks 6 7
+
+    tp groups (same d, p):  {0,1} {2,3} {4,5} {6,7}
+    pp groups (same d, t):  {0,2} {1,3} {4,6} {5,7}
+    dp groups (same p, t):  {0,4} {1,5} {2,6} {3,7}
+    mp groups (same d):     {0,1,2,3} {4,5,6,7}        one full model replica
+    embed groups:           first and last stage of each pp group, pp > 1 only:
+                            {0,2} {1,3} {4,6} {5,7}    they sum the tied embedding's grads
+
+All sub-groups are made once, here, with Split, and passed explicitly to the
+code that needs them; there is no global grid.
+"""
+from minipar.dist.comm import Group
+
+
+def validate_layout(size, dp, pp, tp):
+    """Raise ValueError (one line, the same on every rank) unless dp*pp*tp == size, all >= 1."""
+    for axis, value in (("dp", dp), ("pp", pp), ("tp", tp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"process grid: {axis}={value!r} must be an integer >= 1")
+    if dp * pp * tp != size:
+        raise ValueError(f"process grid: dp*pp*tp = {dp}*{pp}*{tp} = {dp * pp * tp} "
+                         f"does not match the {size} ranks")
+
+
+def grid_rank(d, p, t, pp, tp):
+    """The rank at grid coordinates (d, p, t)."""
+    return (d * pp + p) * tp + t
+
+
+def grid_coords(rank, pp, tp):
+    """(d, p, t) of a rank: the inverse of grid_rank."""
+    dp_index, t = divmod(rank, tp)
+    d, p = divmod(dp_index, pp)
+    return d, p, t
+
+
+def default_layout(world_size):
+    """A (dp, pp, tp) that shows off every axis the size allows:
+    tp=2 from 4 ranks on, pp=2 too from 8 on, dp takes the rest.
+        1 -> (1,1,1)   2 -> (2,1,1)   4 -> (2,1,2)   8 -> (2,2,2)   16 -> (4,2,2)   6 -> (3,1,2)"""
+    tp = 2 if world_size >= 4 and world_size % 2 == 0 else 1
+    pp = 2 if world_size >= 8 and world_size % (2 * tp) == 0 else 1
+    return world_size // (pp * tp), pp, tp
+
+
+class ProcessGrid:
+    """dp x pp x tp grid over `world` (any Group).
+
+    Sizes: dp, pp, tp. This rank's coordinates: dp_rank, pp_rank, tp_rank.
+    Groups: tp_group, pp_group, dp_group, mp_group (pp x tp: one model replica),
+    embed_group (also `embed`)."""
+
+    def __init__(self, world, dp, pp, tp):
+        validate_layout(world.size, dp, pp, tp)  # before any collective: every rank raises alike
+        self.world, self.dp, self.pp, self.tp = world, dp, pp, tp
+        self.dp_rank, self.pp_rank, self.tp_rank = grid_coords(world.rank, pp, tp)
+        d, p, t = self.dp_rank, self.pp_rank, self.tp_rank
+        # each Split is collective over world; a group's color is the coordinates it shares,
+        # its key the coordinate that varies, so a group's rank IS that coordinate
+        self.tp_group = world.split(color=d * pp + p, key=t, name="tp")
+        self.pp_group = world.split(color=d * tp + t, key=p, name="pp")
+        self.dp_group = world.split(color=p * tp + t, key=d, name="dp")
+        self.mp_group = world.split(color=d, key=p * tp + t, name="mp")
+        # tied embedding: the first and last stage of each pipeline (skip when pp == 1)
+        self.embed_group = None
+        if pp > 1:
+            is_end = p in (0, pp - 1)
+            self.embed_group = world.split(color=d * tp + t if is_end else Group.UNDEFINED,
+                                           key=p, name="embed")
+
+    @property
+    def embed(self):
+        """The embed group (first + last stage of this pipeline), None if pp == 1 or a middle stage."""
+        return self.embed_group
+
+    @property
+    def is_first_stage(self):
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self):
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def next_rank(self):
+        """pp-group rank of the next pipeline stage, None on the last stage."""
+        return None if self.is_last_stage else self.pp_rank + 1
+
+    @property
+    def prev_rank(self):
+        """pp-group rank of the previous pipeline stage, None on the first stage."""
+        return None if self.is_first_stage else self.pp_rank - 1
+
+    def rank_of(self, d, p, t):
+        """Rank in `world` of grid coordinates (d, p, t)."""
+        return grid_rank(d, p, t, self.pp, self.tp)
+
+    def describe(self):
+        """A table: which rank holds which (d, p, t), and its tp / pp / dp group members."""
+        n = self.dp * self.pp * self.tp
+        lines = [f"ProcessGrid dp={self.dp} pp={self.pp} tp={self.tp} over {n} ranks "
+                 f"(rank = (d*pp + p)*tp + t)",
+                 f"{'rank':>4} {'world':>5} {'d':>2} {'p':>2} {'t':>2}   "
+                 f"{'tp group':<12} {'pp group':<12} {'dp group'}"]
+        for rank in range(n):
+            d, p, t = grid_coords(rank, self.pp, self.tp)
+            tp_members = [self.rank_of(d, p, i) for i in range(self.tp)]
+            pp_members = [self.rank_of(d, i, t) for i in range(self.pp)]
+            dp_members = [self.rank_of(i, p, t) for i in range(self.dp)]
+            lines.append(f"{rank:>4} {self.world.ranks[rank]:>5} {d:>2} {p:>2} {t:>2}   "
+                         + " ".join(f"{str(m).replace(' ', ''):<12}"
+                                    for m in (tp_members, pp_members, dp_members)).rstrip())
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return (f"ProcessGrid(dp={self.dp}, pp={self.pp}, tp={self.tp}; this rank d={self.dp_rank} "
+                f"p={self.pp_rank} t={self.tp_rank})")
