@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minipar import autograd
+from minipar.dist.ledger import CommLedger
 from minipar.memory import MemoryLedger
 from minipar.nn import GPT, DropoutKey
 from minipar.optim import SGD, AdamW, LossScaler, grad_stats, prepare_step
@@ -95,7 +96,6 @@ class Engine:
         # the logged loss is averaged over dp on a side ledger, so the run's ledger holds training traffic only
         self.metrics_group = None
         if grid is not None:
-            from minipar.dist.comm import CommLedger
             self.metrics_group = self.dp_group.using(ledger=CommLedger(), name="metrics")
         if lay.tp > 1:
             from minipar.parallel.tensor_parallel import shard_tensor_parallel
