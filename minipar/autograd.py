@@ -22,6 +22,8 @@ Hooks that the parallel strategies need, designed in from the start:
 """
 from contextlib import contextmanager
 
+from minipar.backend import array_module
+
 _grad_enabled = [True]   # stack-free switch, toggled only by no_grad()
 _trackers = []           # saved-activation trackers, pushed by track_saved()
 
@@ -103,7 +105,7 @@ class Tensor:
         if grad is None:
             if self.data.size != 1:
                 raise RuntimeError("backward() without a gradient needs a scalar tensor")
-            grad = self.data * 0 + 1
+            grad = array_module(self.data).ones_like(self.data)
         run_backward(self, grad, wgrad_queue)
 
     # -- operator sugar (the Functions live in ops.py) -------------------------------
@@ -139,20 +141,33 @@ class Context:
         self.needs_grad = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
         self.saved = ()
         self.saved_bytes = 0
+        self.trackers = ()        # the trackers that saw the save also see the release
+        self.kept = {}            # computed (non-leaf) weights, kept by keep_weight
         self.wgrad_queue = None   # set by the engine during backward
 
     def save_for_backward(self, *arrays):
         self.saved = arrays
         self.saved_bytes = sum(getattr(a, "nbytes", 0) for a in arrays)
-        for tracker in _trackers:
+        self.trackers = tuple(_trackers)
+        for tracker in self.trackers:
             tracker.saved(self.saved_bytes)
+
+    def keep_weight(self, i, array):
+        """Weights are re-read from their leaf Tensor at backward time; a computed
+        weight (not a leaf) has no such Tensor, so its array is kept instead."""
+        if self.inputs[i] is None:
+            self.kept[i] = array
+
+    def weight(self, i):
+        """The current value of weight input i."""
+        return self.inputs[i].data if self.inputs[i] is not None else self.kept[i]
 
     def defer(self, work):
         """Queue `work` (a weight-gradient closure) instead of running it now.
 
         The saved arrays it still needs stay counted until the closure has run."""
         kept, self.saved_bytes = self.saved_bytes, 0
-        trackers = list(_trackers)
+        trackers = self.trackers
 
         def run():
             work()
@@ -161,7 +176,7 @@ class Context:
         self.wgrad_queue.append(run)
 
     def release(self):
-        for tracker in _trackers:
+        for tracker in self.trackers:
             tracker.released(self.saved_bytes)
         self.saved, self.saved_bytes = (), 0
 
@@ -207,6 +222,9 @@ class _NullContext:
     wgrad_queue = None
 
     def save_for_backward(self, *arrays):
+        pass
+
+    def keep_weight(self, i, array):
         pass
 
 

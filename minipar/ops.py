@@ -32,7 +32,7 @@ def _shape(x):
 
 def _weight(ctx, i, like):
     """The current value of weight input i, in the dtype of `like`."""
-    return ctx.inputs[i].data.astype(like.dtype, copy=False)
+    return ctx.weight(i).astype(like.dtype, copy=False)
 
 
 # ---- elementwise arithmetic with broadcasting ------------------------------------------
@@ -182,6 +182,7 @@ class Linear(Function):
             y += b.astype(x.dtype, copy=False)
         ctx.transpose, ctx.x_shape = transpose, x.shape
         ctx.save_for_backward(x2)
+        ctx.keep_weight(1, w)
         return y.reshape(*x.shape[:-1], y.shape[-1])         # (B, T, C_out)
 
     @staticmethod
@@ -198,7 +199,8 @@ class Linear(Function):
             db = g2.sum(axis=0) if need_b else None
             return dw, db
 
-        if ctx.wgrad_queue is None:
+        if ctx.wgrad_queue is None or w_leaf is None or (need_b and b_leaf is None):
+            # no W queue, or a computed weight/bias (its gradient must flow on now)
             dw, db = weight_grads()
             return dx, (dw if need_w else None), db
 
@@ -219,14 +221,14 @@ class Embedding(Function):
     @staticmethod
     def forward(ctx, ids, w, dtype=None):
         ctx.ids = ids
+        ctx.keep_weight(1, w)
         out = w[ids]                                          # (B, T, C)
         return out.astype(dtype or w.dtype, copy=False)
 
     @staticmethod
     def backward(ctx, g):
         xp = array_module(g)
-        w = ctx.inputs[1].data
-        dw = xp.zeros(w.shape, dtype=g.dtype)
+        dw = xp.zeros(ctx.weight(1).shape, dtype=g.dtype)
         xp.add.at(dw, ctx.ids.reshape(-1), g.reshape(-1, g.shape[-1]))   # (B*T, C) rows into (V, C)
         return None, dw
 

@@ -12,7 +12,7 @@ from minipar.backend import array_module
 
 def _weight(ctx, i, like):
     """The current value of weight input i, in the dtype of `like`."""
-    return ctx.inputs[i].data.astype(like.dtype, copy=False)
+    return ctx.weight(i).astype(like.dtype, copy=False)
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -97,6 +97,7 @@ class LayerNorm(Function):
         rstd = 1.0 / array_module(x).sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
         xhat = xc * rstd
         ctx.save_for_backward(xhat, rstd)
+        ctx.keep_weight(1, w)
         return xhat * w.astype(x.dtype, copy=False) + b.astype(x.dtype, copy=False)
 
     @staticmethod
