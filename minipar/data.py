@@ -8,7 +8,7 @@ Two tasks share one interface, `task.batch(step, indices, split)`:
   are -1 = ignored), so chance accuracy is 1/10 and a trained GPT reaches ~100%.
 
       tokens:   3 1 4 1 5 9 2 6 | 6 2 9 5 1 4 1 3
-      targets:  - - - - - - - 6   2 9 5 1 4 1 3 .      (position i predicts token i+1)
+      targets:  - - - - - - - - 6 2 9 5 1 4 1 3       (y = tokens[1:]: position i predicts token i+1)
 
 * `TextTask` (`--data FILE`): character-level language modelling on any text.
 
@@ -72,7 +72,7 @@ class TextTask:
 
     def batch(self, step, indices, split="train"):
         data = self.ids[split]
-        starts = _draw(self.seed, split, step, indices, lambda r: r.integers(0, len(data) - self.seq_len - 1))
+        starts = _draw(self.seed, split, step, indices, lambda r: r.integers(0, len(data) - self.seq_len))
         window = starts[:, None] + np.arange(self.seq_len + 1)               # (n, T+1)
         tokens = data[window]
         return tokens[:, :-1], tokens[:, 1:]

@@ -311,6 +311,8 @@ class GPT(Module):
         return logits.data.argmax(axis=-1)
 
     def loss(self, idx, targets, key=None):
+        if key is None and self.cfg.dropout and self.training:
+            raise ValueError("dropout > 0 in training needs a DropoutKey (seed, step, sample indices)")
         return self.criterion(self(idx, key), targets)
 
     def num_params(self):
