@@ -31,6 +31,8 @@ def compare_models(local, serial, quantities=("param", "grad", "m", "v")):
     `local` and `serial` are Engine-like objects with `named_state()`."""
     theirs = serial.named_state()
     rows = []
+    # gradients first: when a gradient is wrong, the updated parameter and Adam state are
+    # wrong too, and the first divergence reported should be the cause
     for name, (p, opt) in local.named_state().items():
         sp, sopt = theirs[name]
         take = p.spec.take
@@ -41,7 +43,8 @@ def compare_models(local, serial, quantities=("param", "grad", "m", "v")):
         for key in ("m", "v"):
             if key in quantities and key in opt and key in sopt:
                 rows.append((key, name, rel_err(opt[key], take(sopt[key]))))
-    return rows
+    order = {"grad": 0, "param": 1, "m": 2, "v": 3}
+    return sorted(rows, key=lambda r: order[r[0]])
 
 
 class ParityError(AssertionError):

@@ -1,0 +1,155 @@
+"""Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models"): the parts of a layer that tensor parallelism leaves
+replicated (LayerNorm, dropout, residual adds) run on a T/tp chunk of the sequence.
+
+Without SP, the activation between two tensor-parallel regions is the full
+(B, T, C) on every tp rank. With SP each rank keeps (B, T/tp, C), and Megatron's
+f and g are replaced by their sequence counterparts:
+
+    g  (all-reduce forward)      ->  g-bar: reduce-scatter along T forward,
+                                           all-gather along T backward
+    f  (all-reduce backward)     ->  f-bar: all-gather along T forward,
+                                           reduce-scatter along T backward
+
+      (B, T/tp, C) --LN, dropout--> f-bar --> (B, T, C) --column-parallel ...
+      ... row-parallel --> (B, T, C) partial sums --> g-bar --> (B, T/tp, C)
+
+An all-reduce IS a reduce-scatter followed by an all-gather, so the bytes moved
+are the same as with f and g; what changes is that nothing outside the
+attention/MLP interior is stored in full.
+
+Replicated weights (LayerNorm w and b, the positions table wpe, a row-parallel
+bias) are now applied by each rank to ITS chunk of T only, so each rank's dW is a
+partial sum over its chunk. The true gradient is the sum over tp: that is f
+applied to the weight (identity forward, all-reduce backward). `SumWeightGrads`
+does exactly that inside autograd, fused with the op that uses the weight (ops
+read weights from their leaf Parameter in backward, so the weight must stay a
+direct input of that op). Because every micro-batch's backward sums its own
+contribution before it is accumulated into .grad, gradient accumulation stays
+exact.
+
+Our arrays are batch-first (B, T, C) while Group's collectives cut axis 0, so T is
+moved to the front around each collective (Megatron stores activations
+sequence-first (T, B, C) for this reason).
+"""
+from dataclasses import replace
+
+import numpy as np
+
+from minipar import nn, ops
+from minipar.autograd import Function
+from minipar.backend import array_module
+
+
+def seq_slice(t_local, rank):
+    """This rank's slice of the serial T axis when every rank holds t_local positions."""
+    return slice(rank * t_local, (rank + 1) * t_local)
+
+
+def check_divisible(T, tp):
+    """Sequence parallelism cuts T into tp equal chunks: refuse anything else."""
+    if T % tp:
+        raise ValueError(f"sequence parallelism splits the sequence over tp={tp} ranks: "
+                         f"T={T} is not divisible by {tp}")
+
+
+def cut_key(key, t_local, rank):
+    """The dropout key with `seq` set to this rank's T slice (masks are drawn per full serial
+    row and cut, so the assembled mask is the serial one); None stays None (eval)."""
+    return None if key is None else replace(key, seq=seq_slice(t_local, rank))
+
+
+def _gather_seq(x, group):
+    """(B, T/tp, C) on every rank -> (B, T, C), chunks in rank order."""
+    front = x.swapaxes(0, 1)                                   # (T/tp, B, C)
+    # all-gather over tp: every rank's (T/tp, B, C) chunk -> (T, B, C), B*T*C elements out
+    return group.all_gather(front).swapaxes(0, 1)              # (B, T, C)
+
+
+def _reduce_scatter_seq(x, group):
+    """(B, T, C) partial sums on every rank -> this rank's (B, T/tp, C) chunk of the sum."""
+    front = x.swapaxes(0, 1)                                   # (T, B, C)
+    # reduce-scatter (sum) over tp: B*T*C elements in, this rank keeps its (T/tp, B, C) block
+    return group.reduce_scatter(front).swapaxes(0, 1)          # (B, T/tp, C)
+
+
+class GatherSeq(Function):
+    """f-bar: all-gather along T forward, reduce-scatter along T backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)                           # (B, T/tp, C) -> (B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group)            # (B, T, C) -> (B, T/tp, C)
+
+
+class ReduceScatterSeq(Function):
+    """g-bar: reduce-scatter along T forward, all-gather along T backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)                   # (B, T, C) -> (B, T/tp, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group)                    # (B, T/tp, C) -> (B, T, C)
+
+
+class SumWeightGrads(Function):
+    """`op` (an ops Function) whose weight inputs get gradients summed over tp:
+    f applied to the weights, fused with their use.
+
+        y = op(x, w, ...)             forward: unchanged (identity on the weights)
+        dw = sum over tp of dw_rank   backward: one all-reduce of all weights' grads
+
+    `weights` lists the positions of the weight inputs."""
+
+    @staticmethod
+    def forward(ctx, *arrays, op, group, weights, **kwargs):
+        ctx.op, ctx.group, ctx.weights = op, group, weights
+        return op.forward(ctx, *arrays, **kwargs)              # op saves what it needs on our ctx
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = list(ctx.op.backward(ctx, grad))
+        parts = [grads[i] for i in ctx.weights]
+        flat = array_module(grad).concatenate([g.reshape(-1) for g in parts])   # (sum of weight sizes,)
+        # all-reduce (sum) over tp of the replicated weights' partial grads: their total numel
+        ctx.group.all_reduce_(flat)
+        start = 0
+        for i, g in zip(ctx.weights, parts):
+            grads[i] = flat[start:start + g.size].reshape(g.shape)
+            start += g.size
+        return tuple(grads)
+
+
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """LayerNorm on this rank's (B, T/tp, C) chunk; its w and b gradients are summed over tp.
+
+        weight (C,), bias (C,): replicated on every tp rank   [ w ] [ w ] ... [ w ]
+        input:  rank t holds rows T*t/tp .. T*(t+1)/tp of the sequence
+    """
+
+    def __init__(self, serial, group):
+        nn.Module.__init__(self)
+        self.weight, self.bias, self.group = serial.weight, serial.bias, group
+
+    def forward(self, x):
+        return SumWeightGrads.apply(x, self.weight, self.bias, op=ops.LayerNorm,
+                                    group=self.group, weights=(1, 2))   # (B, T/tp, C)
+
+
+def positions(wpe, T, group, dtype):
+    """wpe rows of this rank's T chunk, (T/tp, C); wpe's grad is summed over tp."""
+    rows = seq_slice(T // group.size, group.rank)
+    return SumWeightGrads.apply(np.arange(rows.start, rows.stop), wpe, op=ops.Embedding,
+                                group=group, weights=(1,), dtype=dtype)   # (T/tp, C)
+
+
+def add_bias(y, bias, group):
+    """y + b for a replicated bias after the reduce-scatter: b's grad is summed over tp."""
+    return SumWeightGrads.apply(y, bias, op=ops.Add, group=group, weights=(1,))   # (B, T/tp, C)
