@@ -172,10 +172,10 @@ class Engine:
         self.zero_grad()
         with autograd.track_saved(self.ledger):
             loss = self.forward_backward(step, task, global_batch)
+        if self.pipeline is not None:           # tied wte: sum first, ZeRO's reduce-scatter takes the grads
+            self.pipeline.sync_tied_grads()
         if self.sync is not None:
             self.sync.finish()
-        if self.pipeline is not None:
-            self.pipeline.sync_tied_grads()
         grad_scale, self.grad_norm = prepare_step(self.params, self.optim_cfg.max_norm, self.scaler,
                                                   self.reduce_grad_stats, self.local_grad_stats())
         if grad_scale is not None:
