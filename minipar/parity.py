@@ -16,6 +16,14 @@ from minipar.backend import to_host
 
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-4, "mixed": 5e-2}
 
+# `train --check` compares every step of a whole run, not 2-3 steps as the tests do.
+# Two effects grow the honest difference over hundreds of steps: (1) as the loss goes
+# to ~1e-3, gradients shrink by orders of magnitude while the rounding of the terms
+# that cancel inside them does not; (2) Adam divides by sqrt(v) + eps, so rounding
+# noise on an exactly-zero gradient (the key bias: softmax ignores a shift of the
+# keys) becomes a step of up to lr * noise / eps. Both are reduction order, not bugs.
+RUN_TOLERANCE = {"fp64": 1e-7, "fp32": 1e-1, "mixed": 2e-1}
+
 
 def rel_err(got, expected):
     got, expected = to_host(got).astype(np.float64), to_host(expected).astype(np.float64)

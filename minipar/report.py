@@ -40,7 +40,7 @@ def header(cfg, layout, optim, task, grid, engine):
 def parity(engine, serial, world, loss, serial_loss, step):
     """Max relative error of this step (loss, params, grads, Adam m/v); raises ParityError if out of tolerance."""
     rows = parity_mod.compare_models(engine, serial)
-    tol = parity_mod.TOLERANCE[engine.precision.name]
+    tol = parity_mod.RUN_TOLERANCE[engine.precision.name]
     return parity_mod.check(world, rows, tol, where=f" at step {step}", loss=(loss, serial_loss))
 
 
@@ -68,7 +68,7 @@ def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_time
         "parity": None,
     }
     if args.check:
-        tol = parity_mod.TOLERANCE[cfg.precision]
+        tol = parity_mod.RUN_TOLERANCE[cfg.precision]
         worst = max(parity_errs, default=0.0)
         summary["parity"] = {"max_rel_err": worst, "ok": parity_failure is None and worst <= tol, "tol": tol,
                              "failure": parity_failure}

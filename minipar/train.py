@@ -62,7 +62,8 @@ def build_parser():
     m.add_argument("--vocab", type=int, help="vocabulary size (default: the task's, rounded up to a multiple of 8)")
     m.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
     m.add_argument("--dropout", type=float, default=0.0)
-    m.add_argument("--precision", choices=("fp64", "fp32", "mixed"), default="fp32")
+    m.add_argument("--precision", choices=("fp64", "fp32", "mixed"), default="fp64",
+                   help="fp64 (default: parity to ~1e-12), fp32, or mixed (fp16 params, fp32 master)")
     t = p.add_argument_group("training")
     t.add_argument("--data", help="train character-level on this text file instead of the built-in task")
     t.add_argument("--n-digits", type=int, default=8, help="built-in task: digits to reverse")
