@@ -74,9 +74,8 @@ def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_time
                              "failure": parity_failure}
     if tracer is not None and engine.pipeline is not None:
         from minipar import trace
-        events = tracer.gather(engine.grid.pp_group)
-        info = trace.summary(events, layout.pp, layout.schedule, layout.micro_batches, layout.virtual_stages,
-                             getattr(engine.pipeline, "executed", None))
+        events = engine.pipeline.gather_step_events()          # collective over pp
+        info = engine.pipeline.trace_summary(layout.micro_batches)
         summary["bubble"] = info["bubble"]
         summary["trace"] = {"makespan_s": info["makespan_s"], "per_rank_busy_s": info["per_rank_busy_s"],
                             "gantt": trace.ascii_gantt(events, layout.pp)}

@@ -165,7 +165,7 @@ def main(argv=None):
     world = world.using(algorithm=args.collectives)
     from minipar import report
     grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp) if world.size > 1 else None
-    tracer = report.make_tracer(world.rank) if layout.pp > 1 else None
+    tracer = report.make_tracer(grid.pp_rank) if layout.pp > 1 else None
     engine = Engine(cfg, layout, optim, args.seed, grid, tracer)
     serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed) if args.check else None
     checker = world.using(ledger=CommLedger(), name="check")   # verdict traffic kept out of the run's ledger
@@ -187,8 +187,6 @@ def main(argv=None):
     losses, step_times, parity_errs, start = [], [], [], time.perf_counter()
     tokens, failure = args.batch_size * cfg.seq_len, None
     for step in range(first, args.steps):
-        if tracer is not None:
-            tracer.events.clear()                      # the summary shows the last step's timeline
         t0 = time.perf_counter()
         loss = engine.train_step(step, task, args.batch_size)
         step_times.append(time.perf_counter() - t0)
