@@ -226,4 +226,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 2:                   # a usage error every rank detected alike: exit without MPI_Abort noise
+        from minipar.dist.comm import exit_agreed
+        exit_agreed(code)
+    sys.exit(code)

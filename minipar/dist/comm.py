@@ -310,3 +310,17 @@ class Group:
     def abort(self, code=1):
         """End every process of the job now (MPI_Abort): the way out when ranks diverged."""
         self.comm.Abort(code)
+
+
+def exit_agreed(code):
+    """End the job with `code` when every rank reached the same verdict (a usage error all
+    ranks detected alike). Rank 0 alone calls MPI_Abort(code) while the others wait, so the
+    job exits with `code` everywhere and MPICH adds one "Abort" line, not one per rank."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if MPI.COMM_WORLD.Get_size() == 1:
+        sys.exit(code)
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        MPI.COMM_WORLD.Abort(code)
+    MPI.COMM_WORLD.Barrier()        # never returns: rank 0's abort ends this process
