@@ -17,7 +17,7 @@ export MKL_NUM_THREADS      := 1
 
 STRATEGIES := dp tp pp zero offload 3d
 
-.PHONY: help install train test test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
+.PHONY: help install train compare plan test test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
 
 help:  ## list the targets
 	@echo "minipar make targets (variables: PY=$(PY) MPIEXEC=$(MPIEXEC) NP=$(NP))"
@@ -30,6 +30,8 @@ help:  ## list the targets
 	@echo "                one strategy's tests (serial + MPI), e.g. as a grader"
 	@echo "  tutorials     run every tutorials/NN_*.py (rank count from its first line)"
 	@echo "  bench         benchmarks/run.py"
+	@echo "  compare       python -m minipar.compare on 8 ranks: the comparison table, measured"
+	@echo "  plan          python -m minipar.plan --params 7.5e9 --gpus 64"
 	@echo "  clean         remove .venv, caches and outputs"
 
 install: $(VENV)
@@ -77,6 +79,12 @@ tutorials: $(VENV)
 
 bench: $(VENV)
 	$(PY) benchmarks/run.py
+
+compare: $(VENV)  ## every strategy on the same model, measured side by side (8 ranks)
+	$(MPIEXEC) -n 8 $(MPIPY) -m minipar.compare
+
+plan: $(VENV)  ## the ZeRO paper's memory figure, computed
+	$(PY) -m minipar.plan --params 7.5e9 --gpus 64
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .hypothesis out reports

@@ -57,9 +57,10 @@ def measure(name, layout, cfg, world, steps, batch, task):
         times.append(time.perf_counter() - t0)
     sent = ledger.since(mark).total_bytes()          # the last step's traffic
     bubble = None
-    if engine.pipeline is not None and getattr(engine.pipeline, "executed", None):
+    if engine.pipeline is not None:
         from minipar.parallel.schedules import bubble_fraction, simulate
-        bubble = bubble_fraction(simulate(engine.pipeline.executed, lay.pp, lay.virtual_stages), lay.pp)
+        executed = engine.pipeline.gather_executed()       # every stage's actions of the last step (pp group)
+        bubble = float(bubble_fraction(simulate(executed, lay.pp, lay.virtual_stages), lay.pp))
     row = np.array([engine.ledger.model_state_bytes("device"), engine.ledger.model_state_bytes("host"),
                     engine.ledger.peak("activation"), sent, np.median(times[1:] or times)])
     # every rank's numbers; the table shows the max over ranks (the rank that limits the job)
