@@ -1,0 +1,174 @@
+"""Bug zoo for DDP: classic data-parallel mistakes, patched into DataParallel, must be caught.
+
+Each bug replaces one method of DataParallel (monkeypatch, undone after the test)
+with a version that makes a mistake people really make. The parity check of
+tests/test_data_parallel.py must then raise ParityError on every rank:
+
+    sum_not_mean            all-reduce SUM: the update sees N x the mean gradient
+    last_bucket_forgotten   off-by-one: the last bucket (the tied embedding) is never reduced
+    sums_every_micro_batch  accumulation ignores `sync`: every micro-batch all-reduces (SUM)
+                            what has piled up in the bucket, so early micro-batches count N^k times
+    launch_on_first_grad    a bucket is launched when its FIRST gradient is ready, before the
+                            others arrived: they stay local, unaveraged
+    no_sync_forgotten       the real hook without the `sync` test: the bucket launches in the
+                            first micro-batch, later micro-batches add to it, nobody reduces them
+
+One mistake is invisible to parity: averaging every micro-batch gives the right
+numbers (averaging is linear) at M times the traffic. The comm ledger catches it.
+
+Bugs that launch a bucket too early are run with the "ring" algorithm, which
+reduces at the moment of launch. With MPI's Iallreduce the moment the buffer is
+read depends on MPI's progress engine: the bug is a data race, and a race may
+happen to give the right answer in a test.
+"""
+import numpy as np
+import pytest
+
+from minipar import parity
+from minipar.data import ReverseTask
+from minipar.dist.comm import CommLedger, Group, Request
+from minipar.dist.grid import ProcessGrid
+from minipar.dist.verdict import agree
+from minipar.engine import Engine, Layout, OptimConfig
+from minipar.nn import GPTConfig
+from minipar.parallel.data_parallel import DataParallel
+
+pytestmark = [pytest.mark.mpi, pytest.mark.dp]
+
+WORLD = Group.world().size
+DP = max(n for n in (1, 2, 4, 8) if n <= WORLD and WORLD % n == 0)   # the biggest block that fits
+TASK = ReverseTask(n_digits=4)
+CFG = GPTConfig(vocab_size=11, seq_len=8, n_layer=2, n_head=4, d_model=16, precision="fp64")
+OPTIM = OptimConfig(lr=3e-3)
+SEVERAL_BUCKETS, ONE_BUCKET = 4096, 2 ** 30
+
+
+# ----------------------------------------------------------------------------- the bugs
+def finish_sum_not_mean(self):
+    """BUG: sum_r g_r where the loss is a mean over the global batch: N times too big."""
+    for b in self.buckets:
+        self.group.all_reduce_(b.buffer, op="sum")    # all-reduce (sum) of one bucket over dp
+
+
+def finish_last_bucket_forgotten(self):
+    """BUG: off-by-one, the last bucket (wte, the tied embedding: its grad is final last) is skipped."""
+    for b in self.buckets[:-1]:
+        self.group.all_reduce_(b.buffer, op="avg")    # all-reduce (avg) of one bucket over dp
+
+
+def hook_sums_every_micro_batch(self, p):
+    """BUG: ignores `self.sync`, so each micro-batch sums the bucket over the ranks, including
+    what earlier micro-batches left in it (already summed): wrong scale, N^k for micro-batch k."""
+    b = self.bucket_of[id(p)]
+    b.ready += 1
+    if b.ready == len(b.params):
+        self.group.all_reduce_(b.buffer, op="sum")    # all-reduce (sum) of one bucket over dp
+        b.ready, b.request = 0, Request()             # done: finish() only waits
+
+
+def hook_averages_every_micro_batch(self, p):
+    """Not wrong, wasteful: averaging is linear, so re-averaging the accumulated bucket each
+    micro-batch gives the right gradient, for M times the bytes."""
+    b = self.bucket_of[id(p)]
+    b.ready += 1
+    if b.ready == len(b.params):
+        self.group.all_reduce_(b.buffer, op="avg")    # all-reduce (avg) of one bucket over dp
+        b.ready, b.request = 0, Request()             # done: finish() only waits
+
+
+def hook_launch_on_first_grad(self, p):
+    """BUG: launches the bucket as soon as ONE of its gradients is ready."""
+    if not self.sync:
+        return
+    b = self.bucket_of[id(p)]
+    b.ready += 1
+    if b.ready == 1:
+        b.request = self.group.iall_reduce_(b.buffer, op="avg")   # all-reduce (avg) of the bucket
+
+
+def hook_no_sync_forgotten(self, p):
+    """BUG: the real hook minus `if not self.sync`: launches during the first micro-batch."""
+    if self.group.size == 1:
+        return
+    b = self.bucket_of[id(p)]
+    b.ready += 1
+    if b.ready == len(b.params):
+        b.request = self.group.iall_reduce_(b.buffer, op="avg")   # all-reduce (avg) of the bucket
+
+
+# name: (method patched, its buggy version, layout, algorithms it is caught under)
+BUGS = {
+    "sum_not_mean": ("finish", finish_sum_not_mean,
+                     Layout(dp=DP, bucket_bytes=SEVERAL_BUCKETS, overlap=False), ["mpi", "ring"]),
+    "last_bucket_forgotten": ("finish", finish_last_bucket_forgotten,
+                              Layout(dp=DP, bucket_bytes=SEVERAL_BUCKETS, overlap=False), ["mpi", "ring"]),
+    "sums_every_micro_batch": ("_on_grad_ready", hook_sums_every_micro_batch,
+                               Layout(dp=DP, micro_batches=2, bucket_bytes=SEVERAL_BUCKETS), ["mpi", "ring"]),
+    "launch_on_first_grad": ("_on_grad_ready", hook_launch_on_first_grad,
+                             Layout(dp=DP, bucket_bytes=ONE_BUCKET), ["ring"]),
+    "no_sync_forgotten": ("_on_grad_ready", hook_no_sync_forgotten,
+                          Layout(dp=DP, micro_batches=2, bucket_bytes=SEVERAL_BUCKETS), ["ring"]),
+}
+CASES = [(bug, algorithm) for bug, (*_, algorithms) in BUGS.items() for algorithm in algorithms]
+
+
+# ----------------------------------------------------------------------------- harness
+@pytest.fixture(scope="module")
+def dp_grid(group_of):
+    """dp_grid(algorithm): ProcessGrid(DP, 1, 1) over this rank's block, own comm ledger."""
+    grids = {}
+
+    def make(algorithm):
+        if algorithm not in grids:
+            block = group_of(DP).using(ledger=CommLedger(), algorithm=algorithm)
+            grids[algorithm] = ProcessGrid(block, DP, 1, 1)
+        return grids[algorithm]
+    return make
+
+
+def train_and_check(grid, layout, steps=2):
+    """k steps of serial and DP Engines in lockstep, parity.check after each."""
+    serial, local = Engine(CFG, Layout(), OPTIM), Engine(CFG, layout, OPTIM, grid=grid)
+    global_batch = 2 * layout.dp * layout.micro_batches
+    for step in range(steps):
+        want = serial.train_step(step, TASK, global_batch)
+        got = local.train_step(step, TASK, global_batch)
+        parity.check(grid.world, parity.compare_models(local, serial), 1e-11, f" (step {step})",
+                     loss=(got, want))
+    return local
+
+
+def needs_ranks():
+    if DP == 1:
+        pytest.skip("data parallelism needs at least 2 ranks")
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("bug,algorithm", CASES)
+def test_correct_ddp_passes_the_same_check(dp_grid, bug, algorithm):
+    """The control: without the bug, the very same layout and check pass."""
+    needs_ranks()
+    train_and_check(dp_grid(algorithm), BUGS[bug][2])
+
+
+@pytest.mark.parametrize("bug,algorithm", CASES)
+def test_bug_is_caught_by_parity(dp_grid, monkeypatch, bug, algorithm):
+    needs_ranks()
+    method, buggy, layout, _ = BUGS[bug]
+    monkeypatch.setattr(DataParallel, method, buggy)
+    with pytest.raises(parity.ParityError, match="parity failed"):   # raised on every rank
+        train_and_check(dp_grid(algorithm), layout)
+
+
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_averaging_every_micro_batch_passes_parity_but_not_the_ledger(dp_grid, monkeypatch, algorithm):
+    needs_ranks()
+    monkeypatch.setattr(DataParallel, "_on_grad_ready", hook_averages_every_micro_batch)
+    grid, micro = dp_grid(algorithm), 3
+    local = train_and_check(grid, Layout(dp=DP, micro_batches=micro, bucket_bytes=SEVERAL_BUCKETS))
+    with grid.world.ledger.measure() as step:
+        local.train_step(2, TASK, 2 * DP * micro)
+    sent = step.total_bytes(group="dp")
+    budget = 2 * (DP - 1) * local.model.num_params() * np.dtype(np.float64).itemsize / DP   # 2(N-1)/N Phi
+    agree(grid.world, sent == micro * budget, f"sent {sent} bytes, expected {micro} x {budget}")
+    agree(grid.world, sent > budget, "the ledger would not catch this bug")
