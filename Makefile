@@ -17,13 +17,14 @@ export MKL_NUM_THREADS      := 1
 
 STRATEGIES := dp tp pp zero offload 3d
 
-.PHONY: help install train compare plan test test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
+.PHONY: help install train compare plan test test-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
 
 help:  ## list the targets
 	@echo "minipar make targets (variables: PY=$(PY) MPIEXEC=$(MPIEXEC) NP=$(NP))"
 	@echo "  install       create .venv and install minipar[test,mpich] (editable)"
 	@echo "  train         $(MPIEXEC) -n 8 python -m mpi4py -m minipar.train"
 	@echo "  test          serial tests, then MPI tests on $(NP) ranks, then tutorials"
+	@echo "  test-gpu      the suite and a training run with CuPy (needs a GPU and minipar[gpu])"
 	@echo "  test-serial   tests not marked mpi"
 	@echo "  test-mpi      tests marked mpi, on $(NP) ranks"
 	@echo "  test-dp test-tp test-pp test-zero test-offload test-3d"
@@ -49,7 +50,16 @@ train: $(VENV)
 test: $(VENV)
 	$(PY) $(PYTEST) -m "not mpi"
 	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m mpi
+	@echo "== the MPI parity suite again, on minipar.strict (a CPU stand-in that enforces CuPy's rules)"
+	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m mpi --device strict
 	$(MAKE) tutorials
+
+# on a machine with a GPU and CuPy (pip install -e '.[gpu]'): the parity suite with CuPy arrays,
+# ranks sharing the GPU, then a short training run on it
+test-gpu: $(VENV)
+	$(PY) $(PYTEST) -m "not mpi" --device gpu
+	for n in 1 2 4 8; do timeout 1200 $(MPIEXEC) -n $$n $(MPIPY) $(PYTEST) -m mpi --device gpu || exit 1; done
+	$(MPIEXEC) -n 8 $(MPIPY) -m minipar.train --device gpu --steps 100 --check
 
 test-serial: $(VENV)
 	$(PY) $(PYTEST) -m "not mpi"

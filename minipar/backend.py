@@ -20,29 +20,44 @@ import numpy
 
 
 def array_module(x):
-    """numpy or cupy: the module that owns array `x`."""
+    """numpy, cupy or minipar.strict: the module that owns array `x`."""
+    own = getattr(x, "__xp__", None)           # minipar.strict's CuPy stand-in says so itself
+    if own is not None:
+        return own
     if type(x).__module__.split(".")[0] == "cupy":
         import cupy
         return cupy
     return numpy
 
 
+DEVICES = ("cpu", "gpu", "strict")
+
+
 def device_module(device):
-    """The array module for a device name: "cpu" -> numpy, "gpu" -> cupy."""
+    """The array module for a device name: "cpu" -> numpy, "gpu" -> cupy,
+    "strict" -> minipar.strict (a CPU stand-in that enforces CuPy's rules)."""
     if device == "cpu":
         return numpy
+    if device == "strict":
+        from minipar import strict
+        return strict
     if device == "gpu":
         try:
             import cupy
         except ImportError as err:
             raise RuntimeError("--device gpu needs CuPy: pip install 'minipar[gpu]'") from err
         return cupy
-    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+    raise ValueError(f"unknown device {device!r}: expected one of {', '.join(DEVICES)}")
 
 
 def to_device(x, xp):
     """Copy a host (numpy) array onto the device of module `xp` (no-op for numpy)."""
     return x if xp is numpy else xp.asarray(x)
+
+
+def like(host, x):
+    """A host array moved to wherever array `x` lives (the explicit move compute code uses)."""
+    return to_device(host, array_module(x))
 
 
 def to_host(x):

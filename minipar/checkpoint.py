@@ -23,6 +23,8 @@ from dataclasses import asdict
 
 import numpy as np
 
+from minipar.backend import to_host
+
 KINDS = ("param", "master", "m", "v")
 
 
@@ -63,7 +65,7 @@ def save(path, engine, step, world=None):
     entries = []
     if writer:
         fname = f"rank{rank}.npz"
-        arrays = {f"{kind}/{name}": np.asarray(a) for kind, name, _, a in slices}
+        arrays = {f"{kind}/{name}": to_host(a) for kind, name, _, a in slices}   # device -> host
         np.savez(os.path.join(tmp, fname), **arrays)
         entries = [{"kind": kind, "name": name, "file": fname, "key": f"{kind}/{name}",
                     "full_shape": list(spec.full_shape), "axis": spec.axis, "start": spec.start,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minipar import autograd
+from minipar.backend import array_module, device_module, to_device, to_host
 from minipar.dist.ledger import CommLedger
 from minipar.memory import MemoryLedger
 from minipar.nn import GPT, DropoutKey
@@ -69,6 +70,20 @@ def check_batch(global_batch, layout):
                          f"micro_batches={layout.micro_batches} equal micro-batches")
 
 
+class OnDevice:
+    """A task whose batches arrive on the engine's device: the one explicit host -> device move of data."""
+
+    def __init__(self, task, xp):
+        self.task, self.xp = task, xp
+
+    def batch(self, step, indices, split="train"):
+        x, y = self.task.batch(step, indices, split)
+        return to_device(x, self.xp), to_device(y, self.xp)
+
+    def __getattr__(self, name):        # seq_len, vocab_size, ...: the task's own
+        return getattr(self.task, name)
+
+
 class Engine:
     """Builds this rank's share of the model and runs training steps on it.
 
@@ -79,8 +94,12 @@ class Engine:
       else dp > 1    self.sync = DataParallel(...) + a plain optimizer
     """
 
-    def __init__(self, cfg, layout=None, optim=None, seed=0, grid=None, tracer=None):
+    default_device = "cpu"         # what device=None means (the test harness's --device sets it)
+
+    def __init__(self, cfg, layout=None, optim=None, seed=0, grid=None, tracer=None, device=None):
         self.cfg, self.layout, self.seed = cfg, layout or Layout(), seed
+        self.device = device or self.default_device
+        self.xp = device_module(self.device)
         self.optim_cfg, self.grid = optim or OptimConfig(), grid
         lay = self.layout
         if grid is None and lay.world_size > 1:
@@ -107,6 +126,8 @@ class Engine:
             self.params = self.pipeline.parameters()
         else:
             self.params = self.model.parameters()
+        for p in self.params:                    # built and cut on the host, now moved to the device once
+            p.data = to_device(p.data, self.xp)
         self.sync = None
         if lay.zero or lay.offload:
             from minipar.parallel.zero import ZeroOptimizer
@@ -153,6 +174,7 @@ class Engine:
     def forward_backward(self, step, task, global_batch):
         """Accumulate gradients of the mean loss over this rank's micro-batches; returns that loss."""
         micro = self.local_indices(global_batch)
+        task = OnDevice(task, self.xp)
         if self.pipeline is not None:
             return self.pipeline.forward_backward(step, task, micro, self.loss_scale(), self.sync)
         total = 0.0
@@ -162,7 +184,7 @@ class Engine:
             x, y = task.batch(step, idx)
             loss = self.model.loss(x, y, DropoutKey(self.seed, step, idx))
             # d(S * loss / M): the 1/M makes the accumulated gradient the mean over micro-batches
-            loss.backward(np.asarray(self.loss_scale() / len(micro), dtype=loss.data.dtype))
+            loss.backward(array_module(loss.data).asarray(self.loss_scale() / len(micro), dtype=loss.data.dtype))
             total += loss.item() / len(micro)
         return total
 
@@ -212,11 +234,12 @@ class Engine:
 
     # ---- evaluation -----------------------------------------------------------------------
     def predict(self, x):
-        """Greedy next-token ids for inputs x (B, T), available on every rank."""
+        """Greedy next-token ids for host inputs x (B, T), as a host array on every rank."""
+        x = to_device(x, self.xp)                           # host -> device, explicitly
         if self.pipeline is not None:
-            return self.pipeline.predict(x)
+            return to_host(self.pipeline.predict(x))
         with autograd.no_grad():
-            return self.model.predict(self.model(x))
+            return to_host(self.model.predict(self.model(x)))
 
     def accuracy(self, task, n_samples=256, step=0):
         """Fraction of scored held-out targets predicted exactly (teacher forcing, greedy)."""
@@ -244,7 +267,7 @@ class Engine:
         else:
             opt = self.optimizer
             for i, p in enumerate(self.params):
-                s = state[p.name]
+                s = {k: to_device(v, self.xp) for k, v in state[p.name].items()}   # host -> device
                 p.data[...] = s["param"]
                 if opt.master[i] is not p.data:
                     opt.master[i][...] = s.get("master", s["param"])

@@ -15,6 +15,7 @@ import numpy as np
 
 from minipar import ops
 from minipar.autograd import Tensor
+from minipar.backend import array_module
 from minipar.backend import precision as get_precision
 
 
@@ -283,7 +284,8 @@ class GPT(Module):
     def embed(self, idx, key=None):
         T = idx.shape[1]
         compute = self.precision.compute_dtype
-        x = self.wte(idx, compute) + self.wpe(np.arange(T), compute)   # (B, T, C) + (T, C)
+        positions = array_module(self.wpe.weight.data).arange(T)
+        x = self.wte(idx, compute) + self.wpe(positions, compute)       # (B, T, C) + (T, C)
         if self.cfg.dropout and self.training:
             x = ops.dropout(x, key.keep(0, x.shape[1:], self.cfg.dropout), self.cfg.dropout)
         return x

@@ -13,7 +13,7 @@ weights (mixed policy) are cast to the activation dtype at use.
 import math
 
 from minipar.autograd import Function
-from minipar.backend import array_module
+from minipar.backend import array_module, like
 
 
 def _unbroadcast(g, shape):
@@ -280,11 +280,12 @@ def softmax(x, causal=False):
 
 
 def causal_attention(qkv, n_head, keep=None, p=0.0):
+    keep = None if keep is None else like(keep, qkv.data)       # host-drawn mask -> the data's device
     return CausalAttention.apply(qkv, n_head=n_head, keep=keep, p=p)
 
 
 def dropout(x, keep, p):
-    return x if p == 0.0 else Dropout.apply(x, keep, p)
+    return x if p == 0.0 else Dropout.apply(x, like(keep, x.data), p)
 
 
 def cross_entropy(logits, targets, ignore_index=-1):

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from minipar.backend import DEVICES, device_module
 from minipar.data import make_task
 from minipar.dist.comm import CommLedger, Group
 from minipar.dist.grid import ProcessGrid, default_layout
@@ -53,6 +54,8 @@ def build_parser():
     g.add_argument("--collectives", choices=("mpi", "ring"), default="mpi", help="MPI's own or ring.py's")
     g.add_argument("--bucket-mb", type=float, default=1.0, help="DDP gradient bucket size in MiB")
     g.add_argument("--no-overlap", action="store_true", help="all-reduce after backward instead of during it")
+    g.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu (NumPy), gpu (CuPy), strict (CPU stand-in that enforces CuPy's rules)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     m.add_argument("--n-layer", type=int)
@@ -99,6 +102,10 @@ def configure(args, world_size):
     for flag in ("steps", "batch_size", "log_every", "virtual_stages", "n_digits", "eval_samples"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        device_module(args.device)
+    except RuntimeError as err:
+        raise UsageError(str(err)) from None
     if args.resume and not os.path.isfile(os.path.join(args.resume, "manifest.json")):
         raise UsageError(f"no checkpoint at {args.resume} (missing manifest.json)")
     try:
@@ -166,8 +173,8 @@ def main(argv=None):
     from minipar import report
     grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp) if world.size > 1 else None
     tracer = report.make_tracer(grid.pp_rank) if layout.pp > 1 else None
-    engine = Engine(cfg, layout, optim, args.seed, grid, tracer)
-    serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed) if args.check else None
+    engine = Engine(cfg, layout, optim, args.seed, grid, tracer, device=args.device)
+    serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed, device=args.device) if args.check else None
     checker = world.using(ledger=CommLedger(), name="check")   # verdict traffic kept out of the run's ledger
     say(report.header(cfg, layout, optim, task, grid, engine), flush=True)
 

@@ -39,6 +39,10 @@ REAL_STDOUT = pytest.StashKey()
 def pytest_addoption(parser):
     parser.addini("mpi_abort_grace", "seconds a rank whose test raised waits for the other ranks "
                   "before aborting the MPI job", default="10")
+    # --device: run the suite on NumPy (cpu), on minipar.strict (a CPU stand-in that enforces
+    # CuPy's no-implicit-host-transfer rules) or on CuPy (gpu); see the _engine_device fixture
+    parser.addoption("--device", default="cpu", choices=("cpu", "strict", "gpu"),
+                     help="array backend for the Engines the tests build")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -171,3 +175,11 @@ class MpiHarness:
             self.say(f"\n==== [rank {self.group.rank}] FAILED {item.nodeid} ({call.when}) ====\n"
                      f"{report.longreprtext}\n")
         return report
+
+
+# Every Engine a test builds without naming a device uses the --device option.
+@pytest.fixture(autouse=True, scope="session")
+def _engine_device(request):
+    from minipar.engine import Engine
+    Engine.default_device = request.config.getoption("--device")
+    yield

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from minipar.backend import to_host
 from minipar.data import ReverseTask
 from minipar.engine import Engine, OptimConfig
 from minipar.nn import GPTConfig, Parameter
@@ -145,7 +146,7 @@ def test_engine_skips_the_step_and_halves_the_scale_on_an_injected_inf():
     engine.train_step(0, task, 4)
     assert engine.loss_scale() == 512.0 and engine.optimizer.t == 0
     for p, b in zip(engine.params, before):
-        np.testing.assert_array_equal(p.data, b)                       # the step was skipped
+        np.testing.assert_array_equal(to_host(p.data), to_host(b))     # the step was skipped
     overflow[0] = False
     engine.train_step(1, task, 4)
     assert engine.loss_scale() == 512.0 and engine.optimizer.t == 1
@@ -182,11 +183,11 @@ def test_engine_train_step_applies_the_clip_factor():
     task, lr, max_norm = ReverseTask(3), 0.1, 1e-3
     probe = Engine(cfg)
     probe.forward_backward(0, task, 4)
-    grads = [p.grad.copy() for p in probe.params]
+    grads = [to_host(p.grad).copy() for p in probe.params]
     norm = math.sqrt(sum((g ** 2).sum() for g in grads))
     engine = Engine(cfg, optim=OptimConfig(name="sgd", lr=lr, max_norm=max_norm))
-    before = [p.data.copy() for p in engine.params]
+    before = [to_host(p.data).copy() for p in engine.params]
     engine.train_step(0, task, 4)
     assert engine.grad_norm == pytest.approx(norm, rel=1e-14)
     for p, b, g in zip(engine.params, before, grads):
-        np.testing.assert_allclose(p.data, b - lr * max_norm / (norm + 1e-6) * g, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(to_host(p.data), b - lr * max_norm / (norm + 1e-6) * g, rtol=1e-12, atol=1e-15)

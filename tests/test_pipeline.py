@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from minipar.backend import to_device
 from minipar import autograd, parity
 from minipar.autograd import Tensor
 from minipar.data import ReverseTask
@@ -180,14 +181,14 @@ def one_microbatch_bytes(pipeline, chunk, b):
     """Saved-activation bytes of one micro-batch on one of this rank's chunks: right after its
     F (`f`), and after its B with deferred weight gradients (`w`, what waits for W)."""
     stage, ledger = pipeline.stages[chunk], MemoryLedger()
-    x, y = TASK.batch(0, np.arange(b))
+    x, y = (to_device(a, pipeline.xp) for a in TASK.batch(0, np.arange(b)))
     if not stage.is_first:
-        x = Tensor(np.zeros(pipeline.activation_shape(b, TASK.seq_len)), requires_grad=True)
+        x = Tensor(pipeline.xp.zeros(pipeline.activation_shape(b, TASK.seq_len)), requires_grad=True)
     with autograd.track_saved(ledger):
         out = stage(x, DropoutKey(SEED, 0, np.arange(b)), y if stage.is_last else None)
         f = ledger.current("activation")
         queue = []
-        out.backward(np.ones_like(out.data), wgrad_queue=queue)
+        out.backward(pipeline.xp.ones_like(out.data), wgrad_queue=queue)
         w = ledger.current("activation")
         for work in queue:
             work()

@@ -19,7 +19,7 @@ from minipar import autograd
 from minipar.data import ReverseTask
 from minipar.dist.grid import ProcessGrid
 from minipar.dist.verdict import agree
-from minipar.engine import Engine, Layout, OptimConfig
+from minipar.engine import Engine, Layout, OnDevice, OptimConfig
 from minipar.memory import (MemoryLedger, bytes_per_param, comm_elements_per_step, measure_alive,
                             model_state_breakdown, model_state_bytes_formula, padded_numel)
 from minipar.nn import GPT, GPTConfig, Parameter
@@ -233,7 +233,7 @@ def alive_beyond_activations(engine, step=1):
     """tracemalloc: bytes allocated by one forward and still alive after it, minus the saved
     activations the ledger counts; and the bytes of one Block's gathered parameters."""
     engine.zero_grad()
-    x, y = TASK.batch(step, engine.local_indices(2 * engine.layout.dp)[0])
+    x, y = OnDevice(TASK, engine.xp).batch(step, engine.local_indices(2 * engine.layout.dp)[0])
     with measure_alive() as alive, autograd.track_saved(engine.ledger):
         loss = engine.model.loss(x, y)
         extra = alive.now() - engine.ledger.current("activation")

@@ -321,6 +321,9 @@ def exit_agreed(code):
     sys.stderr.flush()
     if MPI.COMM_WORLD.Get_size() == 1:
         sys.exit(code)
+    MPI.COMM_WORLD.Barrier()        # everyone has printed and flushed
     if MPI.COMM_WORLD.Get_rank() == 0:
+        import time
+        time.sleep(0.5)             # let mpiexec forward the flushed error line before the abort
         MPI.COMM_WORLD.Abort(code)
     MPI.COMM_WORLD.Barrier()        # never returns: rank 0's abort ends this process

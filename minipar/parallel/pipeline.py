@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minipar.autograd import Tensor, no_grad, track_saved
-from minipar.backend import array_module, to_host
+from minipar.backend import array_module, to_device, to_host
 from minipar.dist.comm import RING_TAG
 from minipar.memory import MemoryLedger
 from minipar.nn import DropoutKey
@@ -48,7 +48,7 @@ def message_tag(mb, boundary, direction, n_stages):
 
 def loss_gradient(loss, loss_scale, m):
     """The seed of a micro-batch's backward: d(S * loss_mb / M) / d(loss_mb) = S / M."""
-    return np.asarray(loss_scale / m, dtype=loss.data.dtype)
+    return array_module(loss.data).asarray(loss_scale / m, dtype=loss.data.dtype)
 
 
 @dataclass
@@ -85,10 +85,14 @@ class Pipeline:
         self.tied = is_tied(model) and self.p > 1 and (self.stages[0].is_first or self.holds_last)
         if self.tied and self.holds_last:
             model.wte.weight.norm_owner = False   # the first stage's copy counts in the grad norm
-        self.xp = array_module(self.parameters()[0].data)          # numpy or cupy
         self.compute_dtype = model.precision.compute_dtype          # dtype of activations
         self.executed = []                        # this rank's actions of the last step, as run
         self._trace_mark = 0
+
+    @property
+    def xp(self):
+        """numpy, cupy or minipar.strict: wherever this stage's parameters live."""
+        return array_module(self.parameters()[0].data)
 
     def parameters(self):
         """This rank's parameters (the model was narrowed to its stages)."""
@@ -252,7 +256,7 @@ class Pipeline:
         """Saved-activation bytes of one micro-batch of b samples, per chunk of this rank: one
         F counted by a scratch ledger (its graph is then dropped, nothing is accumulated)."""
         samples, sizes = np.arange(b), []
-        x, y = task.batch(0, samples)                                 # (b, T) ids and targets
+        x, y = (to_device(a, self.xp) for a in task.batch(0, samples))   # (b, T) ids and targets
         for stage in self.stages:
             if not stage.is_first:                                    # (b, T, C) stand-in input
                 x = Tensor(self.xp.zeros(self.activation_shape(b, task.seq_len), self.compute_dtype),

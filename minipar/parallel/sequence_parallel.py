@@ -146,7 +146,7 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
 def positions(wpe, T, group, dtype):
     """wpe rows of this rank's T chunk, (T/tp, C); wpe's grad is summed over tp."""
     rows = seq_slice(T // group.size, group.rank)
-    return SumWeightGrads.apply(np.arange(rows.start, rows.stop), wpe, op=ops.Embedding,
+    return SumWeightGrads.apply(array_module(wpe.data).arange(rows.start, rows.stop), wpe, op=ops.Embedding,
                                 group=group, weights=(1,), dtype=dtype)   # (T/tp, C)
 
 

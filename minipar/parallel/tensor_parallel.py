@@ -37,6 +37,7 @@ serial ones.
 import numpy as np
 
 from minipar import nn, ops
+from minipar.backend import array_module
 from minipar.autograd import Function
 from minipar.nn import GPT, Block, Parameter, ShardSpec
 from minipar.parallel.sequence_parallel import (GatherSeq, ReduceScatterSeq, SequenceParallelLayerNorm,
@@ -230,7 +231,7 @@ class TensorParallelGPT(GPT):
             check_divisible(T, group.size)
         compute = self.precision.compute_dtype
         x = leave_tp(self.wte(idx, compute), group, sp)   # sum of partial lookups: (B, T, C) or (B, T/tp, C)
-        pos = positions(self.wpe.weight, T, group, compute) if sp else self.wpe(np.arange(T), compute)
+        pos = positions(self.wpe.weight, T, group, compute) if sp else self.wpe(array_module(self.wpe.weight.data).arange(T), compute)
         x = x + pos                                        # (B, T[/tp], C) + (T[/tp], C)
         if p and self.training:
             keep = key.keep(0, (T, x.shape[2]), p)          # (B, T, C): the serial mask rows
