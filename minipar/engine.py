@@ -10,6 +10,7 @@ With every degree 1 the engine *is* the serial run, the oracle all parity
 checks compare against. The global batch is fixed: data-parallel rank d takes
 samples [d*B/dp, (d+1)*B/dp), which are then cut into equal micro-batches.
 """
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,6 +252,13 @@ class Engine:
         return float((pred == y)[scored].mean())
 
     # ---- views used by parity checks and reports ---------------------------------------------
+    def inspect(self):
+        """A context in which every local parameter and its averaged gradient are whole on this
+        rank (ZeRO keeps shards: it gathers them, collectively, and releases them on exit)."""
+        if hasattr(self.optimizer, "gathered"):
+            return self.optimizer.gathered()
+        return contextlib.nullcontext(self)
+
     def named_state(self):
         """{serial name: (parameter, {"m", "v", "master"})} for what this rank holds."""
         state = self.optimizer.state() if hasattr(self.optimizer, "state") else {}

@@ -36,7 +36,12 @@ def rel_err(got, expected):
 def compare_models(local, serial, quantities=("param", "grad", "m", "v")):
     """[(quantity, name, err)] for every local parameter against its serial slice.
 
-    `local` and `serial` are Engine-like objects with `named_state()`."""
+    `local` and `serial` are Engine-like objects with `named_state()`; under ZeRO the local
+    parameters and gradients are gathered for the comparison (collective over dp)."""
+    inspect = getattr(local, "inspect", None)
+    if inspect is not None:
+        with inspect():
+            return compare_models(_Plain(local), serial, quantities)
     theirs = serial.named_state()
     rows = []
     # gradients first: when a gradient is wrong, the updated parameter and Adam state are
@@ -53,6 +58,13 @@ def compare_models(local, serial, quantities=("param", "grad", "m", "v")):
                 rows.append((key, name, rel_err(opt[key], take(sopt[key]))))
     order = {"grad": 0, "param": 1, "m": 2, "v": 3}
     return sorted(rows, key=lambda r: order[r[0]])
+
+
+class _Plain:
+    """An engine seen without its inspect() (already inside it)."""
+
+    def __init__(self, engine):
+        self.named_state = engine.named_state
 
 
 class ParityError(AssertionError):
