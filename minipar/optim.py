@@ -22,16 +22,25 @@ def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
 
         m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
         p <- p - lr wd p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    Written with one scratch array and in-place ops: no full-size temporaries beyond it.
     """
     xp = array_module(p)
     m *= beta1
     m += (1 - beta1) * g
     v *= beta2
-    v += (1 - beta2) * (g * g)
-    m_hat = m / (1 - beta1 ** step)
-    v_hat = v / (1 - beta2 ** step)
-    p -= lr * weight_decay * p
-    p -= lr * m_hat / (xp.sqrt(v_hat) + eps)
+    scratch = xp.multiply(g, g)
+    scratch *= 1 - beta2
+    v += scratch
+    # scratch <- sqrt(v / (1 - b2^t)) + eps, then the step m_hat / scratch
+    xp.divide(v, 1 - beta2 ** step, out=scratch)
+    xp.sqrt(scratch, out=scratch)
+    scratch += eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= lr / (1 - beta1 ** step)
+    if weight_decay:
+        p -= (lr * weight_decay) * p
+    p -= scratch
 
 
 def sgd_update(p, g, buf, lr, momentum, weight_decay):
@@ -62,7 +71,9 @@ class Optimizer:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            g = p.grad.astype(self.master[i].dtype) * grad_scale
+            g = p.grad.astype(self.master[i].dtype, copy=False)    # no copy when dtypes match
+            if grad_scale != 1.0:
+                g = g * grad_scale
             self.update(i, self.master[i], g)
             if self.master[i] is not p.data:
                 p.data[...] = self.master[i]          # fp32 master -> fp16 parameter
