@@ -4,10 +4,12 @@
     bench_step.py              1 rank: matmul peak, step time of the bench GPT, MFU, profile
     bench_dp.py under -n 1     data-parallel strong scaling: the 1-rank baseline
     bench_dp.py under -n 2     ... the same global batch on 2 ranks, two ways to synchronise
+    bench_tp.py under -n 1, 2  tensor parallelism: step time at tp = 1, 2; share of it in tp collectives
+    bench_zero.py under -n 2   ZeRO stages 0-3 and offload at dp = 2: step time, bytes sent, model state
 
 Every process gets one BLAS thread (ranks must not fight over the cores). Each
 writes benchmarks/out/<name>.json; this script adds out/summary.json. A full
-run takes about a minute on 2 cores, well under 5.
+run takes about a minute and a half on an idle 2-core machine, well under 5.
 """
 import argparse
 import json
@@ -57,9 +59,12 @@ def main(argv=None):
     steps = ["--steps", str(args.steps)]
     load_before = machine_load()
     wall = run([sys.executable, str(HERE / "bench_step.py"), *steps], timeout=150)
-    for n in (1, args.ranks):
-        wall += run([mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / "bench_dp.py"), *steps],
-                    timeout=150)
+    for bench in ("bench_dp.py", "bench_tp.py"):
+        for n in (1, args.ranks):
+            wall += run([mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / bench), *steps],
+                        timeout=150)
+    wall += run([mpiexec, "-n", str(args.ranks), sys.executable, "-m", "mpi4py", str(HERE / "bench_zero.py"),
+                 "--steps", str(min(args.steps, 3))], timeout=240)
 
     step, one, many = load("step"), load("dp_n1"), load(f"dp_n{args.ranks}")
     base = one["modes"]["no sync (1 rank)"]["median_s"]
@@ -74,6 +79,15 @@ def main(argv=None):
         rows.append((f"DP {args.ranks} ranks, {mode}: step (s)", f"{r['median_s']:.3f}", ""))
         rows.append(("  speed-up vs 1 rank", f"{speedups[mode]:.2f} x",
                      f">= {TARGETS['dp_speedup_2']} x" if args.ranks == 2 else ""))
+    tp_one, tp_many = load("tp_n1"), load(f"tp_n{args.ranks}")
+    rows += [("TP 1 rank, step (s)", f"{tp_one['median_s']:.3f}", ""),
+             (f"TP {args.ranks} ranks, step (s)", f"{tp_many['median_s']:.3f}", ""),
+             ("  speed-up vs 1 rank", f"{tp_one['median_s'] / tp_many['median_s']:.2f} x", ""),
+             ("  share of step in tp collectives", f"{100 * tp_many['comm_share_median']:.1f} %", "")]
+    zero = load(f"zero_n{args.ranks}")["precisions"]
+    for precision, layouts in zero.items():
+        for name, r in layouts.items():
+            rows.append((f"ZeRO {precision}, {name}: step (s)", f"{r['median_s']:.3f}", ""))
     print(f"\n{'summary':<44} {'measured':>10} {'target':>10}")
     for name, value, target in rows:
         print(f"{name:<44} {value:>10} {target:>10}")
@@ -83,6 +97,10 @@ def main(argv=None):
     path = write_json("summary", {"mfu": step["mfu"], "peak_gflops": step["peak_gflops"],
                                   "step_s": step["step"]["median_s"], "dp_ranks": args.ranks,
                                   "dp_base_s": base, "dp_speedup": speedups, "targets": TARGETS,
+                                  "tp_step_s": {1: tp_one["median_s"], args.ranks: tp_many["median_s"]},
+                                  "tp_comm_share": tp_many["comm_share_median"],
+                                  "zero_step_s": {p: {name: r["median_s"] for name, r in layouts.items()}
+                                                  for p, layouts in zero.items()},
                                   "wall_s": wall, "load_average": os.getloadavg()})
     print(f"wrote {path}")
 
