@@ -50,7 +50,8 @@ def build_parser():
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer state and step on the host")
     g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb-h1"), default="1f1b")
     g.add_argument("--micro-batches", type=int, default=None, help="micro-batches per dp rank (default: 2*pp)")
-    g.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pipeline rank (interleaved)")
+    g.add_argument("--virtual-stages", type=int, default=None,
+                   help="model chunks per pipeline rank (interleaved; default 2 if the layers allow, else 1)")
     g.add_argument("--collectives", choices=("mpi", "ring"), default="mpi", help="MPI's own or ring.py's")
     g.add_argument("--bucket-mb", type=float, default=1.0, help="DDP gradient bucket size in MiB")
     g.add_argument("--no-overlap", action="store_true", help="all-reduce after backward instead of during it")
@@ -99,6 +100,12 @@ def configure(args, world_size):
         if args.dp is None:
             dp = max(world_size // (pp * tp), 1)
     zero = args.zero if args.zero is not None else (1 if auto and dp > 1 else 0)
+    n_layer, n_head, d_model = PRESETS[args.preset]
+    n_layer = args.n_layer or n_layer
+    if args.schedule == "interleaved" and args.n_layer is None:
+        n_layer = max(n_layer, 2 * pp)                 # room for v = 2 chunks per pipeline rank
+    if args.virtual_stages is None:
+        args.virtual_stages = 2 if args.schedule == "interleaved" and n_layer >= 2 * pp else 1
     for flag in ("steps", "batch_size", "log_every", "virtual_stages", "n_digits", "eval_samples"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -112,13 +119,12 @@ def configure(args, world_size):
         task = make_task(args.data, args.seq_len, args.seed, args.n_digits)
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from None
-    n_layer, n_head, d_model = PRESETS[args.preset]
     vocab = args.vocab or -(-task.vocab_size // 8) * 8
     if vocab < task.vocab_size:
         raise UsageError(f"--vocab {vocab} is smaller than the task's {task.vocab_size} tokens")
     micro = args.micro_batches or (2 * pp if pp > 1 else 1)
     try:
-        cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=args.n_layer or n_layer,
+        cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
                         n_head=args.n_head or n_head, d_model=args.d_model or d_model,
                         tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
         layout = Layout(dp=dp, pp=pp, tp=tp, sequence_parallel=args.sequence_parallel, zero=zero,
