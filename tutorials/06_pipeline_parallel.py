@@ -22,8 +22,6 @@
 # measure the bubble, the activation memory and the bytes sent.
 
 # %%
-import numpy as np
-
 from minipar import parity
 from minipar.data import ReverseTask
 from minipar.dist.comm import CommLedger, Group

@@ -13,8 +13,6 @@
 # optimizer state of those parameters over its dp partner.
 
 # %%
-import numpy as np
-
 from minipar import parity
 from minipar.data import ReverseTask
 from minipar.dist.comm import CommLedger, Group

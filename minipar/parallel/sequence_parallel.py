@@ -34,8 +34,6 @@ sequence-first (T, B, C) for this reason).
 """
 from dataclasses import replace
 
-import numpy as np
-
 from minipar import nn, ops
 from minipar.autograd import Function
 from minipar.backend import array_module

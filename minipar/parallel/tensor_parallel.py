@@ -34,8 +34,6 @@ what this rank holds: attention masks by its heads (attn.head_slice), residual
 and embedding masks along T under SP (key.seq), so the assembled masks are the
 serial ones.
 """
-import numpy as np
-
 from minipar import nn, ops
 from minipar.backend import array_module
 from minipar.autograd import Function
