@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 
-from common import BATCH, BENCH_GPT, bench_task, one_blas_thread, summarize, write_json
+from common import BATCH, BENCH_GPT, bench_task, one_blas_thread, summarize, time_in_turns, write_json
 
 one_blas_thread()  # before numpy is imported (minipar imports it)
 
@@ -59,18 +59,7 @@ def bench_modes(world, grid, modes, task, warmup, steps):
     engines = {mode: Engine(GPTConfig(**BENCH_GPT), Layout(dp=world.size, **SYNC_MODES.get(mode, {})),
                             grid=grid) for mode in modes}
     finish_s = {mode: timed_finish(e) if e.sync is not None else [] for mode, e in engines.items()}
-    times, sent = {mode: [] for mode in modes}, {mode: 0 for mode in modes}
-    ledger = grid.dp_group.ledger
-    for step in range(warmup + steps):
-        for mode, engine in engines.items():
-            with ledger.measure() as calls:
-                start = time.perf_counter()
-                engine.train_step(step, task, BATCH)
-            # the step ends when the slowest rank is done: max of one float over all ranks
-            seconds = world.max_(time.perf_counter() - start)
-            if step >= warmup:
-                times[mode].append(seconds)
-                sent[mode] = calls.total_bytes(group="dp")
+    times, sent, _ = time_in_turns(engines, task, BATCH, warmup, steps, world, grid.dp_group)
     results = {}
     for mode, engine in engines.items():
         results[mode] = summarize(times[mode])

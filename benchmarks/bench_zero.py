@@ -31,9 +31,9 @@ and send less). The `skipped` column counts those among the timed steps.
 import argparse
 import os
 import sys
-import time
 
-from common import BATCH, BENCH_GPT, bench_task, machine_load, one_blas_thread, summarize, write_json
+from common import (BATCH, BENCH_GPT, bench_task, machine_load, one_blas_thread, summarize,
+                    time_in_turns, write_json)
 
 one_blas_thread()  # before numpy is imported (minipar imports it)
 
@@ -69,21 +69,7 @@ def bench_layouts(world, grid, precision, task, warmup, steps):
     """{layout: results} for one precision; the layouts take turns step by step."""
     cfg = GPTConfig(**dict(BENCH_GPT, precision=precision))
     engines = {name: Engine(cfg, Layout(dp=world.size, **kw), grid=grid) for name, kw in LAYOUTS.items()}
-    times = {name: [] for name in engines}
-    sent, skipped = dict.fromkeys(engines, 0), dict.fromkeys(engines, 0)
-    ledger = grid.dp_group.ledger
-    for step in range(warmup + steps):
-        for name, engine in engines.items():
-            before = engine.optimizer_step_count()
-            with ledger.measure() as calls:
-                start = time.perf_counter()
-                engine.train_step(step, task, BATCH)
-            # the step ends when the slowest rank is done: max of one float over all ranks (0 bytes)
-            seconds = world.max_(time.perf_counter() - start)
-            if step >= warmup:
-                times[name].append(seconds)
-                sent[name] = calls.total_bytes(group="dp")          # the last timed step's
-                skipped[name] += engine.optimizer_step_count() == before
+    times, sent, skipped = time_in_turns(engines, task, BATCH, warmup, steps, world, grid.dp_group)
     results = {}
     for name, engine in engines.items():
         sent_formula, state_formula = formulas(engine, precision, world.size)

@@ -59,6 +59,28 @@ def time_steps(engine, task, batch, warmup, steps):
     return times
 
 
+def time_in_turns(engines, task, batch, warmup, steps, world, group):
+    """Step every engine in turn, step by step, so load noise hits them alike.
+
+    A step ends when the slowest rank is done (max of one float over `world`, 0 bytes).
+    Returns {name: [seconds of each timed step]}, {name: bytes sent over `group` in the
+    last timed step} and {name: timed steps the optimizer skipped (loss-scale overflow)}."""
+    times = {name: [] for name in engines}
+    sent, skipped = dict.fromkeys(engines, 0), dict.fromkeys(engines, 0)
+    for step in range(warmup + steps):
+        for name, engine in engines.items():
+            before = engine.optimizer_step_count()
+            with group.ledger.measure() as calls:
+                start = time.perf_counter()
+                engine.train_step(step, task, batch)
+            seconds = world.max_(time.perf_counter() - start)
+            if step >= warmup:
+                times[name].append(seconds)
+                sent[name] = calls.total_bytes(group=group.name)
+                skipped[name] += engine.optimizer_step_count() == before
+    return times, sent, skipped
+
+
 def summarize(times):
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
