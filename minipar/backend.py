@@ -50,19 +50,70 @@ def device_module(device):
     raise ValueError(f"unknown device {device!r}: expected one of {', '.join(DEVICES)}")
 
 
-def to_device(x, xp):
-    """Copy a host (numpy) array onto the device of module `xp` (no-op for numpy)."""
-    return x if xp is numpy else xp.asarray(x)
+class Transfers:
+    """Bytes copied between host and device memory, each way: the PCIe traffic a GPU run
+    pays on top of MPI's. Only real crossings count, so on the CPU both stay 0.
+    A MemoryLedger keeps one (the engine's moves of batches, parameters, offload shards),
+    a CommLedger another (host staging of device buffers for a non-CUDA-aware MPI)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.to_device = 0
+        self.to_host = 0
+
+    def as_dict(self):
+        return {"to_device": self.to_device, "to_host": self.to_host}
 
 
-def like(host, x):
+def _is_host(x):
+    return array_module(x) is numpy
+
+
+def to_device(x, xp, count=None):
+    """Copy a host (numpy) array onto the device of module `xp` (no-op for numpy, or for an
+    array already there). `count` (a Transfers) adds the bytes when the copy crosses."""
+    if xp is numpy or not _is_host(x):
+        return x
+    out = xp.asarray(x)
+    if count is not None:
+        count.to_device += out.nbytes
+    return out
+
+
+def like(host, x, count=None):
     """A host array moved to wherever array `x` lives (the explicit move compute code uses)."""
-    return to_device(host, array_module(x))
+    return to_device(host, array_module(x), count)
 
 
-def to_host(x):
-    """A numpy array with the contents of `x` (device -> host copy for CuPy)."""
-    return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)
+def to_host(x, count=None):
+    """A numpy array with the contents of `x` (a device -> host copy for CuPy, which
+    `count` adds up; numpy arrays come back as they are)."""
+    if _is_host(x):
+        return numpy.asarray(x)
+    if count is not None:
+        count.to_host += x.nbytes
+    return x.get()
+
+
+def synchronize(x):
+    """Wait until the device has finished writing `x` (CuPy: its current stream). A CUDA-aware
+    MPI reads device memory directly, so a kernel still running would race with it."""
+    xp = array_module(x)
+    if xp is not numpy and hasattr(xp, "cuda"):
+        xp.cuda.get_current_stream().synchronize()
+
+
+def scatter_add_rows(dw, rows, values):
+    """dw[rows[i]] += values[i], repeated rows summed (numpy.add.at; CuPy < 13 spells it
+    cupyx.scatter_add)."""
+    xp = array_module(dw)
+    if hasattr(xp.add, "at"):
+        xp.add.at(dw, rows, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(dw, rows, values)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ are read in backward from the leaf tensor (`ctx.inputs[i].data`), never saved,
 so a ZeRO-3 gather hook that re-materialised them is honoured. Low-precision
 weights (mixed policy) are cast to the activation dtype at use.
 """
+import itertools
 import math
 
 from minipar.autograd import Function
-from minipar.backend import array_module, like
+from minipar.backend import array_module, like, scatter_add_rows
 
 
 def _unbroadcast(g, shape):
@@ -116,8 +117,8 @@ class Transpose(Function):
 
     @staticmethod
     def backward(ctx, g):
-        xp = array_module(g)
-        inverse = None if ctx.axes is None else tuple(xp.argsort(xp.asarray(ctx.axes)).tolist())
+        # the inverse permutation, worked out on the host: axes are Python ints, not device data
+        inverse = None if ctx.axes is None else tuple(sorted(range(len(ctx.axes)), key=ctx.axes.__getitem__))
         return g.transpose(inverse)
 
 
@@ -144,9 +145,8 @@ class Concat(Function):
 
     @staticmethod
     def backward(ctx, g):
-        xp = array_module(g)
-        cuts = list(xp.cumsum(xp.asarray(ctx.sizes))[:-1].tolist())
-        return tuple(xp.split(g, cuts, axis=ctx.axis))
+        cuts = list(itertools.accumulate(ctx.sizes))[:-1]     # split points, host ints
+        return tuple(array_module(g).split(g, cuts, axis=ctx.axis))
 
 
 # ---- linear algebra ------------------------------------------------------------------------
@@ -216,7 +216,7 @@ class Linear(Function):
 
 # ---- embedding -----------------------------------------------------------------------------
 class Embedding(Function):
-    """out[b, t] = W[ids[b, t]]; backward scatter-adds rows (np.add.at)."""
+    """out[b, t] = W[ids[b, t]]; backward scatter-adds rows (np.add.at: a token seen twice adds twice)."""
 
     @staticmethod
     def forward(ctx, ids, w, dtype=None):
@@ -227,9 +227,8 @@ class Embedding(Function):
 
     @staticmethod
     def backward(ctx, g):
-        xp = array_module(g)
-        dw = xp.zeros(ctx.weight(1).shape, dtype=g.dtype)
-        xp.add.at(dw, ctx.ids.reshape(-1), g.reshape(-1, g.shape[-1]))   # (B*T, C) rows into (V, C)
+        dw = array_module(g).zeros(ctx.weight(1).shape, dtype=g.dtype)
+        scatter_add_rows(dw, ctx.ids.reshape(-1), g.reshape(-1, g.shape[-1]))   # (B*T, C) rows into (V, C)
         return None, dw
 
 

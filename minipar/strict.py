@@ -181,3 +181,10 @@ def __getattr__(name):
     if isinstance(attr, type) or not callable(attr):
         return attr                  # dtypes (strict.float32), inf, pi, newaxis, ...
     return lambda *a, **k: _call(attr, *a, **k)
+
+
+def mpi_view(a):
+    """What a CUDA-aware MPI reads and writes for device array `a`: its memory itself (here,
+    the NumPy array inside). Only dist/wire.py's direct path may use it, as mpi4py does with
+    a CuPy array's __cuda_array_interface__."""
+    return a._a

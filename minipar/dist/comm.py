@@ -10,55 +10,37 @@ dtype, elements and the bytes this rank sends under a ring algorithm.
 
 Arrays
 ------
-- Contiguous host (NumPy) arrays are handed to MPI as they are.
-- A non-contiguous array is copied once into a contiguous buffer (and, for
-  in-place ops, copied back).
-- float16 is reduced in float32 and cast back (MPI has no portable fp16 sum,
-  and summing in fp32 loses less); the ledger records the logical float16.
-- A device (CuPy) array is staged through host memory: `.get()` copies it to
-  the host (synchronising the stream), the result is copied back.
-- Data that is only moved, not reduced, travels as raw bytes (a uint8 view),
-  so every dtype works.
+dist/wire.py turns arrays into MPI buffers: host arrays as they are, device
+(CuPy) arrays either handed to a CUDA-aware MPI directly or staged through host
+memory, the bytes of each crossing counted in `ledger.transfers`. float16 is
+reduced in float32 and cast back; the ledger records the logical float16.
+Data that is only moved, not reduced, travels as raw bytes (a uint8 view), so
+every dtype works.
 """
+import ctypes
+import functools
+
 import numpy as np
 from mpi4py import MPI
 
-from minipar.backend import array_module, to_device, to_host
 from minipar.dist import ring
 from minipar.dist.ledger import CommEntry, CommLedger, ring_bytes  # noqa: F401  (re-exported)
+from minipar.dist.wire import Wire, mpi_view, raw, wire_dtype
 
 _MPI_OPS = {"sum": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX}
 _UFUNCS = {"sum": np.add, "avg": np.add, "max": np.maximum}
 RING_TAG = 32000  # tag of ring.py's Sendrecv steps; user point-to-point tags stay below it
 
 
-# ----------------------------------------------------------------------------- arrays
-def _host(x, dtype=None, copy=False):
-    """x as a C-contiguous host array of `dtype`; copies only when it must (or copy=True)."""
-    host = to_host(x)
-    if copy and host is x:
-        return np.array(host, dtype=dtype, order="C")
-    return np.asarray(host, dtype=dtype, order="C")
-
-
-def _like(host, x):
-    """`host` on x's device (a no-op for NumPy), in x's dtype."""
-    return to_device(host.astype(x.dtype, copy=False), array_module(x))
-
-
-def _write_back(x, buf):
-    """Copy the result `buf` into x unless it already lives in x's memory."""
-    if buf is not x:
-        x[...] = _like(buf.reshape(x.shape), x)
-
-
-def _bytes(buf):
-    """A uint8 view of a contiguous host buffer: data to move, not to reduce."""
-    return buf.reshape(-1).view(np.uint8)
-
-
-def _wire_dtype(dtype):
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+@functools.lru_cache(maxsize=None)
+def cuda_aware():
+    """True when the MPI library reads and writes GPU memory itself: its
+    MPIX_Query_cuda_support() (exported by MPICH >= 4.1 and Open MPI) returns 1.
+    Asked once per process, after MPI_Init; any library without the call counts as not aware."""
+    try:
+        return bool(ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support())
+    except (OSError, AttributeError):
+        return False
 
 
 def _check_op(op):
@@ -100,11 +82,14 @@ class Group:
 
     UNDEFINED = MPI.UNDEFINED  # split color for ranks that join no sub-group
 
-    def __init__(self, comm, name, ledger=None, algorithm="mpi"):
+    def __init__(self, comm, name, ledger=None, algorithm="mpi", direct=None):
         if algorithm not in ("mpi", "ring"):
             raise ValueError(f"unknown algorithm {algorithm!r}: expected 'mpi' or 'ring'")
         self.comm, self.name, self.algorithm = comm, name, algorithm
         self.ledger = CommLedger() if ledger is None else ledger
+        # device arrays go to MPI directly only if it is CUDA-aware (ring.py works on host buffers)
+        self.direct = cuda_aware() if direct is None else direct
+        self.wire = Wire(self.direct and algorithm == "mpi", self.ledger.transfers)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         members, everyone = comm.Get_group(), MPI.COMM_WORLD.Get_group()
         self.ranks = tuple(members.Translate_ranks(list(range(self.size)), everyone))
@@ -112,9 +97,10 @@ class Group:
         everyone.Free()
 
     @classmethod
-    def world(cls, ledger=None, algorithm="mpi"):
-        """Every rank of the job (MPI.COMM_WORLD), named "world"."""
-        return cls(MPI.COMM_WORLD, "world", ledger, algorithm)
+    def world(cls, ledger=None, algorithm="mpi", direct=None):
+        """Every rank of the job (MPI.COMM_WORLD), named "world". `direct`: hand device arrays
+        to MPI without staging (default: whether the MPI library is CUDA-aware)."""
+        return cls(MPI.COMM_WORLD, "world", ledger, algorithm, direct)
 
     @classmethod
     def single(cls, ledger=None, algorithm="mpi"):
@@ -131,17 +117,17 @@ class Group:
     def using(self, ledger=None, algorithm=None, name=None):
         """The same communicator with another ledger / algorithm / name (no MPI call)."""
         return Group(self.comm, name or self.name, self.ledger if ledger is None else ledger,
-                     algorithm or self.algorithm)
+                     algorithm or self.algorithm, self.direct)
 
     def split(self, color, key=None, name="split"):
         """Sub-group of the ranks passing the same color, ordered by key (default: rank).
         Collective over this group; color Group.UNDEFINED returns None."""
         comm = self.comm.Split(color, self.rank if key is None else key)
-        return None if comm == MPI.COMM_NULL else Group(comm, name, self.ledger, self.algorithm)
+        return None if comm == MPI.COMM_NULL else Group(comm, name, self.ledger, self.algorithm, self.direct)
 
     def dup(self, name):
         """Same members, separate communicator: its messages never match this group's."""
-        return Group(self.comm.Dup(), name, self.ledger, self.algorithm)
+        return Group(self.comm.Dup(), name, self.ledger, self.algorithm, self.direct)
 
     def _record(self, op, x, elements=None):
         elements = x.size if elements is None else elements
@@ -150,11 +136,11 @@ class Group:
 
     # -- reductions ------------------------------------------------------------------
     def _reduce_(self, buf, op):
-        """All-reduce the host wire buffer in place (MPI's Allreduce or ring.py)."""
+        """All-reduce the wire buffer in place (MPI's Allreduce or, on the host, ring.py)."""
         if self.algorithm == "ring":
             ring.ring_all_reduce_(self, buf.reshape(-1), _UFUNCS[op])
         else:
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=_MPI_OPS[op])
+            self.comm.Allreduce(MPI.IN_PLACE, mpi_view(buf), op=_MPI_OPS[op])
         if op == "avg":
             buf /= self.size
 
@@ -162,18 +148,18 @@ class Group:
         """A new array: op ("sum" | "avg" | "max") over the group, elementwise.
         Ledger: 2(n-1)/n * S, S = x.nbytes."""
         _check_op(op)
-        buf = _host(x, _wire_dtype(x.dtype), copy=True)
+        buf = self.wire.out(x, wire_dtype(x.dtype), copy=True)
         self._reduce_(buf, op)
         self._record("all_reduce", x)
-        return _like(buf, x)
+        return self.wire.back(buf, x)
 
     def all_reduce_(self, x, op="sum"):
         """all_reduce into x itself (zero copies for contiguous host non-fp16 x). Returns x."""
         _check_op(op)
-        buf = _host(x, _wire_dtype(x.dtype))
+        buf = self.wire.out(x, wire_dtype(x.dtype))
         self._reduce_(buf, op)
         self._record("all_reduce", x)
-        _write_back(x, buf)
+        self.wire.write_back(x, buf)
         return x
 
     def iall_reduce_(self, x, op="sum"):
@@ -183,14 +169,14 @@ class Group:
         if self.algorithm == "ring":
             self.all_reduce_(x, op)
             return Request()
-        buf = _host(x, _wire_dtype(x.dtype))
+        buf = self.wire.out(x, wire_dtype(x.dtype))
         self._record("all_reduce", x)
-        request = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=_MPI_OPS[op])
+        request = self.comm.Iallreduce(MPI.IN_PLACE, mpi_view(buf), op=_MPI_OPS[op])
 
         def finish():
             if op == "avg":
-                np.divide(buf, self.size, out=buf)
-            _write_back(x, buf)
+                buf[...] /= self.size
+            self.wire.write_back(x, buf)
         return Request(request, finish, keep=buf)
 
     def reduce_scatter(self, x, op="sum"):
@@ -202,81 +188,83 @@ class Group:
                              f"is not divisible by the group size {self.size}")
         block_shape = (x.shape[0] // self.size,) + tuple(x.shape[1:])
         if self.algorithm == "ring":
-            work = _host(x, _wire_dtype(x.dtype), copy=True).reshape(-1)
+            work = self.wire.out(x, wire_dtype(x.dtype), copy=True).reshape(-1)
             block = ring.ring_reduce_scatter_(self, work, _UFUNCS[op]).reshape(block_shape)
         else:
-            block = np.empty(block_shape, _wire_dtype(x.dtype))
-            self.comm.Reduce_scatter_block(_host(x, block.dtype), block, op=_MPI_OPS[op])
+            block = self.wire.empty(x, block_shape, wire_dtype(x.dtype))
+            self.comm.Reduce_scatter_block(mpi_view(self.wire.out(x, block.dtype)), mpi_view(block),
+                                           op=_MPI_OPS[op])
         if op == "avg":
             block /= self.size
         self._record("reduce_scatter", x)
-        return _like(block, x)
+        return self.wire.back(block, x)
 
     # -- data movement ---------------------------------------------------------------
     def all_gather(self, x):
         """Every rank's x concatenated along axis 0: shape (n * x.shape[0], ...), rank order.
         Ledger: (n-1)/n * S, S = bytes of the output."""
-        mine = np.atleast_1d(_host(x))  # (k, ...); a 0-d x counts as (1,)
-        out = np.empty((self.size * mine.shape[0],) + mine.shape[1:], mine.dtype)
+        mine = self.wire.out(x)
+        mine = mine.reshape(mine.shape or (1,))  # (k, ...); a 0-d x counts as (1,)
+        out = self.wire.empty(x, (self.size * mine.shape[0],) + mine.shape[1:], mine.dtype)
         if self.algorithm == "ring":
             blocks = out.reshape(self.size, mine.size)  # (n, x.size): block r is rank r's x
             blocks[self.rank] = mine.reshape(-1)
             ring.ring_all_gather_(self, blocks.reshape(-1))
         else:
-            self.comm.Allgather(_bytes(mine), _bytes(out))
+            self.comm.Allgather(raw(mine), raw(out))
         self._record("all_gather", x, elements=out.size)
-        return _like(out, x)
+        return self.wire.back(out, x)
 
     def broadcast_(self, x, root=0):
         """Root's x into every rank's x, in place. Ledger: (n-1)/n * S, S = x.nbytes."""
-        buf = _host(x)
-        self.comm.Bcast(_bytes(buf), root=root)
+        buf = self.wire.out(x)
+        self.comm.Bcast(raw(buf), root=root)
         self._record("broadcast", x)
-        _write_back(x, buf)
+        self.wire.write_back(x, buf)
         return x
 
     def send(self, x, dest, tag=0):
         """Blocking send of x to group rank dest. Ledger: S = x.nbytes."""
-        self.comm.Send(_bytes(_host(x)), dest=dest, tag=tag)
+        self.comm.Send(raw(self.wire.out(x)), dest=dest, tag=tag)
         self._record("send", x)
 
     def recv_(self, buf, source, tag=0):
         """Blocking receive into buf (shape and dtype must match the send). Ledger: 0."""
-        host = _host(buf)
-        self.comm.Recv(_bytes(host), source=source, tag=tag)
+        landing = self.wire.landing(buf)
+        self.comm.Recv(raw(landing), source=source, tag=tag)
         self._record("recv", buf)
-        _write_back(buf, host)
+        self.wire.write_back(buf, landing)
         return buf
 
     def isend(self, x, dest, tag=0):
         """Non-blocking send; do not modify x before `.wait()`. Ledger: S = x.nbytes."""
-        host = _host(x)
-        request = self.comm.Isend(_bytes(host), dest=dest, tag=tag)
+        wire = self.wire.out(x)
+        request = self.comm.Isend(raw(wire), dest=dest, tag=tag)
         self._record("isend", x)
-        return Request(request, keep=host)
+        return Request(request, keep=wire)
 
     def irecv_(self, buf, source, tag=0):
         """Non-blocking receive into buf, complete after `.wait()`. Ledger: 0."""
-        host = _host(buf)
-        request = self.comm.Irecv(_bytes(host), source=source, tag=tag)
+        landing = self.wire.landing(buf)
+        request = self.comm.Irecv(raw(landing), source=source, tag=tag)
         self._record("irecv", buf)
-        return Request(request, finish=lambda: _write_back(buf, host), keep=host)
+        return Request(request, finish=lambda: self.wire.write_back(buf, landing), keep=landing)
 
     def sendrecv(self, x, dest, recvbuf, source, tag=0):
         """Send x to dest while receiving into recvbuf from source (no deadlock in a ring
         or a shift). Ledger: S = x.nbytes. Returns recvbuf."""
-        host = _host(recvbuf)
-        self.comm.Sendrecv(_bytes(_host(x)), dest=dest, sendtag=tag,
-                           recvbuf=_bytes(host), source=source, recvtag=tag)
+        landing = self.wire.landing(recvbuf)
+        self.comm.Sendrecv(raw(self.wire.out(x)), dest=dest, sendtag=tag,
+                           recvbuf=raw(landing), source=source, recvtag=tag)
         self._record("sendrecv", x)
-        _write_back(recvbuf, host)
+        self.wire.write_back(recvbuf, landing)
         return recvbuf
 
     def raw_sendrecv(self, sendbuf, dest, recvbuf, source):
         """Sendrecv of contiguous host buffers that is NOT recorded: the building block of
         ring.py, whose caller records the one logical collective."""
-        self.comm.Sendrecv(_bytes(sendbuf), dest=dest, sendtag=RING_TAG,
-                           recvbuf=_bytes(recvbuf), source=source, recvtag=RING_TAG)
+        self.comm.Sendrecv(raw(sendbuf), dest=dest, sendtag=RING_TAG,
+                           recvbuf=raw(recvbuf), source=source, recvtag=RING_TAG)
 
     def barrier(self):
         self.comm.Barrier()

@@ -22,6 +22,8 @@ Sendrecv loops in ring.py), so tests can assert the textbook formulas exactly.
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from minipar.backend import Transfers
+
 _RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1}
 
 
@@ -47,6 +49,8 @@ class CommLedger:
 
     def __init__(self, entries=()):
         self._entries = list(entries)
+        # running totals of host <-> device copies made to stage device buffers (dist/wire.py)
+        self.transfers = Transfers()
 
     def record(self, op, group, dtype, elements, nbytes):
         self._entries.append(CommEntry(op, group, dtype, elements, nbytes))
@@ -57,6 +61,7 @@ class CommLedger:
 
     def reset(self):
         self._entries.clear()
+        self.transfers.reset()
 
     def _select(self, group=None, op=None):
         return [e for e in self._entries if group in (None, e.group) and op in (None, e.op)]

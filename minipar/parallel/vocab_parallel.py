@@ -25,7 +25,7 @@ of the logits; the full logits never exist on any rank:
 
 from minipar import nn
 from minipar.autograd import Function
-from minipar.backend import array_module
+from minipar.backend import array_module, scatter_add_rows
 
 
 def vocab_range(vocab_size, group):
@@ -49,9 +49,8 @@ class PartialLookup(Function):
 
     @staticmethod
     def backward(ctx, g):
-        xp = array_module(g)
-        dw = xp.zeros(ctx.inputs[1].data.shape, dtype=g.dtype)     # (V/tp, C)
-        xp.add.at(dw, ctx.rows[ctx.mine], g[ctx.mine])             # (n_mine, C) rows into (V/tp, C)
+        dw = array_module(g).zeros(ctx.inputs[1].data.shape, dtype=g.dtype)   # (V/tp, C)
+        scatter_add_rows(dw, ctx.rows[ctx.mine], g[ctx.mine])       # (n_mine, C) rows into (V/tp, C)
         return None, dw
 
 
