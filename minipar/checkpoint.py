@@ -65,7 +65,8 @@ def save(path, engine, step, world=None):
     entries = []
     if writer:
         fname = f"rank{rank}.npz"
-        arrays = {f"{kind}/{name}": to_host(a) for kind, name, _, a in slices}   # device -> host
+        arrays = {f"{kind}/{name}": to_host(a, engine.ledger.transfers)         # device -> host
+                  for kind, name, _, a in slices}
         np.savez(os.path.join(tmp, fname), **arrays)
         entries = [{"kind": kind, "name": name, "file": fname, "key": f"{kind}/{name}",
                     "full_shape": list(spec.full_shape), "axis": spec.axis, "start": spec.start,

@@ -74,12 +74,12 @@ def check_batch(global_batch, layout):
 class OnDevice:
     """A task whose batches arrive on the engine's device: the one explicit host -> device move of data."""
 
-    def __init__(self, task, xp):
-        self.task, self.xp = task, xp
+    def __init__(self, task, xp, count=None):
+        self.task, self.xp, self.count = task, xp, count
 
     def batch(self, step, indices, split="train"):
-        x, y = self.task.batch(step, indices, split)
-        return to_device(x, self.xp), to_device(y, self.xp)
+        x, y = self.task.batch(step, indices, split)                 # (b, T) ids, targets on the host
+        return to_device(x, self.xp, self.count), to_device(y, self.xp, self.count)
 
     def __getattr__(self, name):        # seq_len, vocab_size, ...: the task's own
         return getattr(self.task, name)
@@ -128,7 +128,7 @@ class Engine:
         else:
             self.params = self.model.parameters()
         for p in self.params:                    # built and cut on the host, now moved to the device once
-            p.data = to_device(p.data, self.xp)
+            p.data = to_device(p.data, self.xp, self.ledger.transfers)
         self.sync = None
         if lay.zero or lay.offload:
             from minipar.parallel.zero import ZeroOptimizer
@@ -175,7 +175,7 @@ class Engine:
     def forward_backward(self, step, task, global_batch):
         """Accumulate gradients of the mean loss over this rank's micro-batches; returns that loss."""
         micro = self.local_indices(global_batch)
-        task = OnDevice(task, self.xp)
+        task = OnDevice(task, self.xp, self.ledger.transfers)
         if self.pipeline is not None:
             return self.pipeline.forward_backward(step, task, micro, self.loss_scale(), self.sync)
         total = 0.0
@@ -236,11 +236,13 @@ class Engine:
     # ---- evaluation -----------------------------------------------------------------------
     def predict(self, x):
         """Greedy next-token ids for host inputs x (B, T), as a host array on every rank."""
-        x = to_device(x, self.xp)                           # host -> device, explicitly
+        x = to_device(x, self.xp, self.ledger.transfers)    # host -> device, explicitly
         if self.pipeline is not None:
-            return to_host(self.pipeline.predict(x))
-        with autograd.no_grad():
-            return to_host(self.model.predict(self.model(x)))
+            pred = self.pipeline.predict(x)
+        else:
+            with autograd.no_grad():
+                pred = self.model.predict(self.model(x))
+        return to_host(pred, self.ledger.transfers)        # device -> host, explicitly
 
     def accuracy(self, task, n_samples=256, step=0):
         """Fraction of scored held-out targets predicted exactly (teacher forcing, greedy)."""
@@ -275,7 +277,8 @@ class Engine:
         else:
             opt = self.optimizer
             for i, p in enumerate(self.params):
-                s = {k: to_device(v, self.xp) for k, v in state[p.name].items()}   # host -> device
+                s = {k: to_device(v, self.xp, self.ledger.transfers)              # host -> device
+                     for k, v in state[p.name].items()}
                 p.data[...] = s["param"]
                 if opt.master[i] is not p.data:
                     opt.master[i][...] = s.get("master", s["param"])

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 import numpy
 
-from minipar.backend import PRECISIONS
+from minipar.backend import PRECISIONS, Transfers
 
 CATEGORIES = ("param", "grad", "master", "optim_m", "optim_v", "activation", "padding", "buffer")
 PLACEMENTS = ("device", "host")
@@ -56,6 +56,9 @@ class MemoryLedger:
         # None means "summed over all", so (None, None) is the rank's total
         self._current = {}
         self._peak = {}
+        # bytes copied between host and device memory, each way (0 on the CPU): parameters
+        # once, batches every step, ZeRO-Offload's shards, checkpoints and predictions
+        self.transfers = Transfers()
 
     # -- registering arrays
 
@@ -136,6 +139,7 @@ class MemoryLedger:
             "current": self.current(),
             "peak": self.peak(),
             "model_state": self.model_state_bytes(),
+            "transfers": self.transfers.as_dict(),
             "by_category": {c: {p: {"current": self.current(c, p), "peak": self.peak(c, p)}
                                 for p in PLACEMENTS} for c in CATEGORIES},
         }

@@ -6,7 +6,7 @@ the README and kept stable for graders:
 
     config, layout, optim, losses, initial_accuracy, final_accuracy, step_time_s,
     tokens_per_s, memory (per rank), comm (per rank: group -> op -> calls/elements/bytes),
-    bubble ({measured, logical, formula} or null), parity ({max_rel_err, ok, tol} or null)
+    device, transfers (per rank: host <-> device bytes of the engine and of MPI staging), bubble ({measured, logical, formula} or null), parity ({max_rel_err, ok, tol} or null)
 """
 import json
 import os
@@ -67,6 +67,10 @@ def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_time
         "tokens_per_s": float(args.batch_size * cfg.seq_len / np.median(times)) if times.size else None,
         "memory": _gather(world, engine.ledger.report()),
         "comm": _gather(world, world.ledger.summary()),
+        "device": engine.device,
+        "transfers": _gather(world, {"engine": engine.ledger.transfers.as_dict(),
+                                     "staging": world.ledger.transfers.as_dict(),
+                                     "mpi_direct": world.wire.direct}),
         "bubble": None,
         "parity": None,
     }
@@ -108,6 +112,14 @@ def format_summary(s):
         parts = [f"{g}.{op} {v['bytes'] / 2 ** 20:.2f} MiB/{v['calls']}x"
                  for g, ops in sorted(comm.items()) for op, v in sorted(ops.items()) if op != "object"]
         out.append(f"{r:>4}  " + ("; ".join(parts) or "-"))
+    if s["device"] != "cpu":
+        out.append(f"host <-> device copies per rank over the run, MiB to device / to host "
+                   f"(engine: batches, parameters; staging: device buffers through host memory for MPI):")
+        for r, t in enumerate(s["transfers"]):
+            e, m = t["engine"], t["staging"]
+            out.append(f"{r:>4}  engine {_mib(e['to_device'])} / {_mib(e['to_host'])}   staging "
+                       f"{_mib(m['to_device'])} / {_mib(m['to_host'])}"
+                       f"{'   (MPI is CUDA-aware: no staging)' if t['mpi_direct'] else ''}")
     if s["bubble"] is not None:
         b = s["bubble"]
         out.append(f"pipeline bubble (last step): measured wall {b['measured']:.3f}, "

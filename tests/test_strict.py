@@ -8,7 +8,10 @@ import pytest
 
 from minipar import backend, ops, strict
 from minipar.data import ReverseTask
-from minipar.engine import Engine
+from minipar.dist.comm import CommLedger, Group
+from minipar.dist.grid import ProcessGrid
+from minipar.dist.verdict import agree
+from minipar.engine import Engine, Layout
 from minipar.nn import GPTConfig
 
 CFG = GPTConfig(vocab_size=11, seq_len=8, n_layer=1, n_head=2, d_model=8)
@@ -67,3 +70,55 @@ def test_unknown_and_missing_devices_are_clear():
     except ImportError:
         with pytest.raises(RuntimeError, match="CuPy"):
             backend.device_module("gpu")
+
+
+def test_host_device_copies_are_counted():
+    """Parameters cross once, at construction; each step moves its micro-batches' ids and
+    targets (B*T int64 each) and nothing else; predictions come back as B*T int64."""
+    task = ReverseTask(4)
+    engine = Engine(CFG, Layout(micro_batches=2), device="strict")
+    moved = engine.ledger.transfers
+    params = sum(p.data.nbytes for p in engine.params)
+    assert (moved.to_device, moved.to_host) == (params, 0)
+    engine.train_step(0, task, 4)
+    batch = 2 * 4 * task.seq_len * 8                      # x and y, 4 samples of T int64
+    assert (moved.to_device, moved.to_host) == (params + batch, 0)
+    engine.predict(task.batch(0, np.arange(3), "val")[0])
+    assert (moved.to_device, moved.to_host) == (params + batch + 3 * task.seq_len * 8, 3 * task.seq_len * 8)
+    cpu = Engine(CFG, Layout(micro_batches=2), device="cpu")
+    cpu.train_step(0, task, 4)
+    assert (cpu.ledger.transfers.to_device, cpu.ledger.transfers.to_host) == (0, 0)   # nothing crosses
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+@pytest.mark.parametrize("zero,offload", [(0, False), (2, True)], ids=["ddp", "zero2-offload"])
+def test_staging_and_offload_copies_per_step(group_of, direct, zero, offload):
+    """dp=2 on the strict device. Staging (unless MPI is direct): DDP copies every gradient
+    bucket down and back up once; ZeRO-2 its reduce-scatter and all-gather buffers. Engine
+    copies: the batch, and under Offload the gradient shard down and the parameter shard up."""
+    block = group_of(2)
+    block = Group(block.comm, "block", CommLedger(), direct=direct)
+    engine = Engine(CFG, Layout(dp=2, zero=zero, offload=offload), seed=1,
+                    grid=ProcessGrid(block, 2, 1, 1), device="strict")
+    task, staged, moved = ReverseTask(4), block.ledger.transfers, engine.ledger.transfers
+    engine.train_step(0, task, 4)
+    staged.reset()
+    before = (moved.to_device, moved.to_host)
+    engine.train_step(1, task, 4)
+    batch = 2 * 2 * task.seq_len * 8                      # this rank's 2 samples: x and y
+    grads = sum(p.data.nbytes for p in engine.params)
+    if offload:
+        shard = engine.optimizer.optim
+        want_engine = (batch + shard.bytes_to_device, shard.bytes_to_host)
+        # reduce-scatter: Φ_pad down, S up; all-gather of the parameters: S down, Φ_pad up
+        both_ways = 8 * (engine.optimizer.numel_padded + engine.optimizer.shard_size)
+        want_staged = (0, 0) if direct else (both_ways, both_ways)
+        ok_shard = shard.bytes_to_host == shard.bytes_to_device > 0
+    else:
+        want_engine, ok_shard = (batch, 0), True
+        want_staged = (0, 0) if direct else (grads, grads)
+    got_engine = (moved.to_device - before[0], moved.to_host - before[1])
+    agree(block, got_engine == want_engine and (staged.to_device, staged.to_host) == want_staged
+          and ok_shard, f"engine copies {got_engine} want {want_engine}; staging "
+          f"{(staged.to_device, staged.to_host)} want {want_staged}")

@@ -103,9 +103,9 @@ class Group:
         return cls(MPI.COMM_WORLD, "world", ledger, algorithm, direct)
 
     @classmethod
-    def single(cls, ledger=None, algorithm="mpi"):
+    def single(cls, ledger=None, algorithm="mpi", direct=None):
         """Just this rank (MPI.COMM_SELF): serial code paths through the same API."""
-        return cls(MPI.COMM_SELF, "self", ledger, algorithm)
+        return cls(MPI.COMM_SELF, "self", ledger, algorithm, direct)
 
     @property
     def world_rank(self):

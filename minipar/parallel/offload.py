@@ -43,7 +43,7 @@ class ShardOptimizer:
         dtype = precision.master_dtype
         if offload:
             # device -> host, once: the initial parameter shard becomes the host master copy (S,)
-            self.master = to_host(weights).astype(dtype)
+            self.master = to_host(weights, ledger.transfers).astype(dtype)
         elif precision.has_master:
             self.master = weights.astype(dtype)          # fp32 master of fp16 parameters (S,)
         else:
@@ -52,7 +52,8 @@ class ShardOptimizer:
         adam = cfg.name == "adamw"
         self.m = xp.zeros(weights.size, dtype) if adam or cfg.momentum else None   # Adam m / SGD momentum
         self.v = xp.zeros(weights.size, dtype) if adam else None
-        self.bytes_to_host = self.bytes_to_device = 0
+        self.bytes_to_host = self.bytes_to_device = 0    # logical bytes of the last step, even on the CPU
+        self.transfers = ledger.transfers                # real host <-> device copies, counted
         for name, array, category in (("master", self.master, "master"), ("m", self.m, "optim_m"),
                                       ("v", self.v, "optim_v")):
             if array is not None:
@@ -64,7 +65,7 @@ class ShardOptimizer:
         `weights` is this rank's parameter shard on the device; returns its new value
         (on the device, in the parameter dtype: `weights` itself when updated in place)."""
         if self.offload:
-            grads = to_host(grads)       # device -> host: the gradient shard, S entries
+            grads = to_host(grads, self.transfers)       # device -> host: the gradient shard, S entries
             self.bytes_to_host = grads.nbytes
         target = weights if self.master is None else self.master
         g = grads.astype(target.dtype) * grad_scale      # the serial optimizer's exact arithmetic
@@ -77,7 +78,7 @@ class ShardOptimizer:
         if not self.offload:
             return target
         # host -> device: the updated parameter shard, S entries in the parameter dtype
-        new = to_device(self.master.astype(self.param_dtype), self.device_xp)
+        new = to_device(self.master.astype(self.param_dtype), self.device_xp, self.transfers)
         self.bytes_to_device = new.nbytes
         return new
 

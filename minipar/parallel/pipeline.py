@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minipar.autograd import Tensor, no_grad, track_saved
-from minipar.backend import array_module, to_device, to_host
+from minipar.backend import array_module, to_device
 from minipar.dist.comm import RING_TAG
 from minipar.memory import MemoryLedger
 from minipar.nn import DropoutKey
@@ -247,8 +247,8 @@ class Pipeline:
                     sends.append(self.pp.isend(h.data, dest=stage_owner(s + 1, self.p)[0], tag=tag))
         for request in sends:
             request.wait()
-        pred = self.model.predict(h) if self.holds_last else np.empty(x.shape, np.int64)
-        pred = np.ascontiguousarray(to_host(pred), dtype=np.int64)
+        pred = self.model.predict(h) if self.holds_last else self.xp.empty(x.shape, np.int64)
+        pred = pred.astype(np.int64, copy=False)                      # (B, T), on the device
         # broadcast: the (B, T) predicted ids, B*T int64, from the last stage over pp
         return self.pp.broadcast_(pred, root=self.p - 1)
 
