@@ -17,7 +17,7 @@ export MKL_NUM_THREADS      := 1
 
 STRATEGIES := dp tp pp zero offload 3d
 
-.PHONY: help install train compare plan test test-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
+.PHONY: help install train compare plan test test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
 
 help:  ## list the targets
 	@echo "minipar make targets (variables: PY=$(PY) MPIEXEC=$(MPIEXEC) NP=$(NP))"
@@ -25,6 +25,7 @@ help:  ## list the targets
 	@echo "  train         $(MPIEXEC) -n 8 python -m mpi4py -m minipar.train"
 	@echo "  test          serial tests, then MPI tests on $(NP) ranks, then tutorials"
 	@echo "  test-gpu      the suite and a training run with CuPy (needs a GPU and minipar[gpu])"
+	@echo "  bench-gpu     benchmarks/bench_device.py: CuPy vs NumPy step time, ranks sharing the GPU"
 	@echo "  test-serial   tests not marked mpi"
 	@echo "  test-mpi      tests marked mpi, on $(NP) ranks"
 	@echo "  test-dp test-tp test-pp test-zero test-offload test-3d"
@@ -60,6 +61,10 @@ test-gpu: $(VENV)
 	$(PY) $(PYTEST) -m "not mpi" --device gpu
 	for n in 1 2 4 8; do timeout 1200 $(MPIEXEC) -n $$n $(MPIPY) $(PYTEST) -m mpi --device gpu || exit 1; done
 	$(MPIEXEC) -n 8 $(MPIPY) -m minipar.train --device gpu --steps 100 --check
+
+bench-gpu: $(VENV)
+	$(MPIEXEC) -n 1 $(MPIPY) benchmarks/bench_device.py --device gpu
+	$(MPIEXEC) -n 4 $(MPIPY) benchmarks/bench_device.py --device gpu
 
 test-serial: $(VENV)
 	$(PY) $(PYTEST) -m "not mpi"
