@@ -6,7 +6,8 @@
 Under MPI, a failure must never leave ranks waiting for each other:
 - assertions are collective verdicts (minipar.dist.verdict): all ranks agree;
 - hypothesis is derandomized (below), so every rank draws the same examples;
-- after each test the ranks compare outcomes on a private communicator. A test
+- after each test, and each hypothesis example, the ranks compare outcomes on a
+  private communicator, so hypothesis shrinks in step on every rank. A test
   that failed on some ranks only is failed on all, so rank 0's summary tells
   the truth; a rank that raised while the others are stuck in a collective
   prints its traceback and aborts the job after `mpi_abort_grace` seconds;
@@ -14,6 +15,7 @@ Under MPI, a failure must never leave ranks waiting for each other:
   calls os._exit, and mpiexec then tears the whole job down.
 Ranks > 0 print only their own failures, so the output reads like a serial run.
 """
+import functools
 import os
 import sys
 import time
@@ -119,8 +121,8 @@ class MpiHarness:
             sys.__stderr__.write(text)
             sys.__stderr__.flush()
 
-    def compare_outcomes(self, item, exc):
-        """Collective: learn every rank's outcome of this test; fail here if another rank failed."""
+    def exchange_outcomes(self, name, exc):
+        """Collective: every rank's outcome (PASSED / VERDICT / RAISED) of this test or example."""
         mine, group = _outcome(exc), self.group
         flags = np.zeros(group.size, np.int64)
         flags[group.rank] = mine
@@ -130,17 +132,46 @@ class MpiHarness:
             deadline = time.monotonic() + float(self.config.getini("mpi_abort_grace"))
             while not request.test():
                 if time.monotonic() > deadline:
-                    self.say(f"\n==== [rank {group.rank}] {item.nodeid} raised while other ranks are "
+                    self.say(f"\n==== [rank {group.rank}] {name} raised while other ranks are "
                              f"still inside the test: aborting the MPI job ====\n" + _short_traceback(exc))
                     group.abort(1)
                 time.sleep(0.01)
         else:
             request.wait()
-        self.outcomes[item.nodeid] = flags
+        return flags
+
+    def compare_outcomes(self, item, exc):
+        """Collective: learn every rank's outcome of this test; fail here if another rank failed."""
+        flags = self.outcomes[item.nodeid] = self.exchange_outcomes(item.nodeid, exc)
         failed = np.flatnonzero(flags).tolist()
-        if failed and mine == PASSED:
+        if failed and _outcome(exc) == PASSED:
             pytest.fail(f"failed on rank(s) {failed} (their reports follow); passed on this rank",
                         pytrace=False)
+
+    def in_lockstep(self, inner_test, name):
+        """Wrap a hypothesis test's body so every example ends with the ranks' outcomes compared.
+        An example that raised on some ranks only then fails on all of them, so hypothesis
+        (derandomized) shrinks in step on every rank instead of running different examples."""
+        @functools.wraps(inner_test)
+        def example(*args, **kwargs):
+            __tracebackhide__ = True      # pytest shows the test's frames, not this wrapper
+            try:
+                inner_test(*args, **kwargs)
+            except Exception as exc:
+                self.exchange_outcomes(name, exc)
+                raise
+            failed = np.flatnonzero(self.exchange_outcomes(name, None)).tolist()
+            if failed:
+                raise VerdictError(f"this example failed on rank(s) {failed}; passed on this rank")
+        example.minipar_lockstep = True
+        return example
+
+    def pytest_collection_modifyitems(self, items):
+        for item in items:
+            hypothesis = getattr(getattr(item, "obj", None), "hypothesis", None)
+            if hypothesis is not None and not getattr(hypothesis.inner_test, "minipar_lockstep", False):
+                name = f"{item.nodeid.split('[')[0]} (a hypothesis example)"
+                hypothesis.inner_test = self.in_lockstep(hypothesis.inner_test, name)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):

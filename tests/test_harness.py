@@ -103,3 +103,25 @@ def test_a_rank_that_raises_while_others_wait_aborts_the_job(tmp_path):
     assert code != 0, output
     assert "boom on rank 1" in output and "aborting the MPI job" in output, output
     assert seconds < PER_TEST_TIMEOUT + 30, f"took {seconds:.0f} s"
+
+
+def test_a_hypothesis_example_failing_on_rank_1_only_is_shrunk_in_step(tmp_path):
+    """Rank 1 raises for x > 5 after the test's last collective, so rank 0 passes those
+    examples. Each example's outcome is compared, so both ranks fail it and shrink alike: the
+    job reports one falsifying example, x = 6, and goes on to the next test."""
+    code, output, seconds = run_on_two_ranks(tmp_path, """
+        from hypothesis import given, strategies as st
+
+        @given(st.integers(0, 20))
+        def test_rank_1_raises_on_big_numbers(world, x):
+            world.barrier()
+            if world.rank == 1 and x > 5:
+                raise ValueError(f"rank 1 cannot take {x}")
+
+        def test_the_job_goes_on(world):
+            world.barrier()
+        """)
+    assert code != 0, output
+    assert "rank 1 cannot take 6" in output and "failed on rank(s) [1]" in output, output
+    assert "x=6" in output and "1 failed, 1 passed" in output, output
+    assert "aborting the MPI job" not in output, output
