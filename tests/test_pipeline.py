@@ -226,9 +226,14 @@ def test_activation_peaks_follow_the_schedule(world, group_of):
     for m in (p, 2 * p):   # 1F1B: min(p - r, m) micro-batches, whatever m
         peak, f = peaks["1f1b", m]
         agree(group, peak == min(p - r, m) * f, f"1F1B m={m}: peak {peak} != {min(p - r, m)} x {f}")
+        # ZB-H1: 1F1B's full activations, plus on rank r up to r waiting W's (their matmul
+        # inputs only), never more than p micro-batches' worth: the pipeline's peak is 1F1B's
         zb_in_flight = schedules.in_flight_peak(schedules.make_schedule("zb-h1", p, m)[r])
-        agree(group, zb_in_flight == min(p - r, m) and peaks["zb-h1", m][0] >= peak,
-              f"ZB-H1 m={m}: {zb_in_flight} full activations in flight, peak {peaks['zb-h1', m]}")
+        zb = peaks["zb-h1", m][0]
+        agree(group, zb_in_flight == min(p - r, m) and peak <= zb <= p * f,
+              f"ZB-H1 m={m}: {zb_in_flight} full activations in flight, peak {zb} vs 1F1B {peak}, f {f}")
+        agree(group, group.max_(zb) == group.max_(peak),
+              f"ZB-H1 m={m}: the pipeline's peak {group.max_(zb)} != 1F1B's {group.max_(peak)}")
 
 
 @pytest.mark.mpi

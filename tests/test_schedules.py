@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minipar.parallel.schedules import (COMPUTE_OPS, SCHEDULES, Action, Event, ascii_gantt,
-                                        bubble_formula, bubble_fraction, gpipe, in_flight_peak,
-                                        interleaved, make_schedule, one_f_one_b, peer, simulate,
-                                        zb_h1)
+                                        bubble_formula, bubble_fraction, gpipe, held_until_w_peak,
+                                        in_flight_peak, interleaved, make_schedule, one_f_one_b,
+                                        peer, simulate, zb_h1)
 
 pytestmark = pytest.mark.pp
 EXAMPLES = settings(max_examples=60, deadline=None)
@@ -145,6 +145,13 @@ def test_in_flight_peaks(cfg):
     assert peaks == expected
     if name in ("1f1b", "zb-h1"):
         assert max(peaks) <= p
+    # F to weight gradient (W for ZB-H1, B otherwise): ZB-H1 lets W's wait on later ranks,
+    # but never past p micro-batches, the most 1F1B holds (on rank 0): the paper's memory claim
+    held = [held_until_w_peak(actions) for actions in make_schedule(name, p, m, v)]
+    if name == "zb-h1":
+        assert held == [min(p, m)] * p
+    elif name != "interleaved":
+        assert held == peaks
 
 
 def test_measured_bubble_equals_formula_for_every_valid_config():

@@ -131,7 +131,9 @@ say(ascii_gantt(zb_events, P, width=72))
 # Divided by what one micro-batch's forward saves on the stage, it counts the
 # micro-batches in flight: GPipe holds all M, 1F1B only p - r on rank r. ZB-H1
 # holds 1F1B's full activations plus, for each B whose W has not run yet, the
-# inputs of that micro-batch's matmuls (what dW = X^T dY still needs).
+# inputs of that micro-batch's matmuls (what dW = X^T dY still needs). Rank r
+# lets at most r W's wait, so no rank holds more than p micro-batches' worth and
+# the pipeline's peak, on rank 0, is 1F1B's.
 
 # %%
 peaks = {}

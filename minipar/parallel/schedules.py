@@ -173,14 +173,15 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
     has no consumer downstream and is deferred to fill what would be bubble.
 
     Rank r: Warmup p-r forwards (1F1B's p-r-1 plus its first steady F: in flight <= p-r).
-    Steady: after each B_j the rank fills a gap of 1 action (the first p-1 gaps) or 2
-    (later gaps): the next F if one is left, else W's, oldest first. The 1-action gaps
-    keep the B stream moving one stage per unit while the pipe fills, and pile up the
-    W's that later fill the Cooldown, where 1F1B idles: the last B, then the W's still
-    owed (r+1 of them when m >= p). With F = B = W = 1 no rank idles after its first B:
-    makespan max(3m + p - 1, 2m + 2p - 1). For m >= p that is the paper's bubble
-    (p-1)(T_F + T_B - T_W) = p-1 units; for m < p, 2m + 2p - 1 is the best any schedule
-    with 1F1B's in-flight limit can do (the last rank must alternate F and B).
+    Steady: B_j, then W_{j-r} (rank r runs its W's r micro-batches late), then the next F.
+    Cooldown: the W's still owed, r of them. Rank 0 runs each W right after its B and
+    holds p micro-batches at its peak, like 1F1B; the last rank alternates F and B and
+    lets p-1 W's wait, filling exactly the units where 1F1B's cooldown idles. So from F
+    to W no rank holds more than p micro-batches: ZB-H1's memory is 1F1B's.
+    With F = B = W = 1 the makespan is max(3m + p - 1, 2m + 2p - 1). For m >= p that is
+    the paper's bubble (p-1)(T_F + T_B - T_W) = p-1 units; for m < p, 2m + 2p - 1 is the
+    best any schedule with 1F1B's in-flight limit can do (the last rank must alternate F
+    and B).
     """
     _check(p, m)
     orders = []
@@ -188,20 +189,16 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
         # Warmup: p-r forwards.
         next_f = min(p - r, m)
         order = [("F", i, 0) for i in range(next_f)]
-        # Steady: B_j, then the gap's next F and/or deferred W's.
-        next_w = 0
-        for j in range(m - 1):
+        # Steady: B_j, the W that is r micro-batches behind it, the next F.
+        for j in range(m):
             order.append(("B", j, 0))
-            slots = 1 if j < p - 1 else 2
+            if j >= r:
+                order.append(("W", j - r, 0))
             if next_f < m:
                 order.append(("F", next_f, 0))
-                next_f, slots = next_f + 1, slots - 1
-            for _ in range(min(slots, j + 1 - next_w)):   # only W's whose B already ran
-                order.append(("W", next_w, 0))
-                next_w += 1
-        # Cooldown: the last B, then the W's still owed.
-        order.append(("B", m - 1, 0))
-        order += [("W", i, 0) for i in range(next_w, m)]
+                next_f += 1
+        # Cooldown: the last r W's (all of them if m <= r).
+        order += [("W", i, 0) for i in range(max(m - r, 0), m)]
         orders.append(order)
     return _with_comm(orders, p, 1)
 
@@ -292,10 +289,22 @@ def in_flight_peak(schedule_for_rank: list[Action]) -> int:
     stage activations held at once: GPipe m, 1F1B and ZB-H1 min(p - r, m) on rank r.
     Each (mb, chunk) counts separately, so for interleaved (min(vp - r, vm)) one count is
     an activation of 1/v of the layers. Pending W's (ZB-H1) are not counted: they keep
-    only the inputs and output grads of their matmuls, not a whole stage's activations."""
+    only the inputs and output grads of their matmuls, not a whole stage's activations
+    (`held_until_w_peak` counts them too)."""
     live = peak = 0
     for a in schedule_for_rank:
         live += (a.op == "F") - (a.op == "B")
+        peak = max(peak, live)
+    return peak
+
+
+def held_until_w_peak(schedule_for_rank: list[Action]) -> int:
+    """Most micro-batches whose F ran and whose weight gradient has not (B for unsplit
+    schedules, W for ZB-H1): the paper's memory count. ZB-H1 keeps it <= p on every rank."""
+    split = any(a.op == "W" for a in schedule_for_rank)
+    live = peak = 0
+    for a in schedule_for_rank:
+        live += (a.op == "F") - (a.op == ("W" if split else "B"))
         peak = max(peak, live)
     return peak
 
