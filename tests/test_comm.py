@@ -236,11 +236,15 @@ def test_float16_average_rounds_once(world):
 
 
 @pytest.mark.gpu
-def test_device_arrays_are_staged_through_the_host():
+def test_cupy_arrays_go_direct_or_are_staged():
+    """With CuPy: results stay CuPy arrays; the host copies are x.nbytes each way for an
+    all-reduce unless the MPI library is CUDA-aware (then none)."""
     cupy = pytest.importorskip("cupy")
-    g = Group.single()
+    g = fresh(Group.single())
     x = cupy.arange(6, dtype=cupy.float32)
     y = g.all_reduce(x)
     assert isinstance(y, cupy.ndarray) and bool((y == x).all())
+    moved = (g.ledger.transfers.to_host, g.ledger.transfers.to_device)
+    assert moved == ((0, 0) if g.wire.direct else (x.nbytes, x.nbytes)), moved
     g.all_reduce_(x[::2], "max")
     assert isinstance(g.all_gather(x), cupy.ndarray)
