@@ -270,9 +270,10 @@ def tp_comm_elements(b, s, h, t, n_layers=1, sequence_parallel=False):
     per layer two all-reduces of b·s·h forward (g after attention and MLP) and
     two backward (f), each 2(t-1)/t·bsh: 8·b·s·h·(t-1)/t. Sequence parallelism
     swaps each all-reduce for a reduce-scatter + all-gather of the same volume
-    (Korthikanti et al. §4.2.2), so the count is the same."""
-    del sequence_parallel   # same volume, kept so call sites can say which
-    return 8 * b * s * h * (t - 1) / t * n_layers
+    (Korthikanti et al. §4.2.2) and, as Megatron does, gathers the inputs of the
+    two column-parallel matmuls again in backward instead of keeping them whole:
+    two more all-gathers of (t-1)/t·bsh, 10·b·s·h·(t-1)/t in all."""
+    return (10 if sequence_parallel else 8) * b * s * h * (t - 1) / t * n_layers
 
 
 def pp_comm_elements(b, s, h, micro_batches=1):

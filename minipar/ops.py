@@ -166,6 +166,15 @@ class MatMul(Function):
         return _unbroadcast(ga, a.shape), _unbroadcast(gb, b.shape)
 
 
+def affine(x2, w, b=None, transpose=False):
+    """x2 W + b (or x2 W^T + b) for x2 (N, C_in), in x2's dtype: Linear's forward arithmetic."""
+    wc = w.astype(x2.dtype, copy=False)
+    y = x2 @ (wc.T if transpose else wc)                     # (N, C_out)
+    if b is not None:
+        y += b.astype(x2.dtype, copy=False)
+    return y
+
+
 class Linear(Function):
     """y = x W + b with W of shape (C_in, C_out); `transpose=True` uses W^T (tied head).
 
@@ -176,14 +185,10 @@ class Linear(Function):
     @staticmethod
     def forward(ctx, x, w, b=None, transpose=False):
         x2 = x.reshape(-1, x.shape[-1])                      # (B*T, C_in)
-        wc = w.astype(x.dtype, copy=False)
-        y = x2 @ (wc.T if transpose else wc)                 # (B*T, C_out)
-        if b is not None:
-            y += b.astype(x.dtype, copy=False)
         ctx.transpose, ctx.x_shape = transpose, x.shape
         ctx.save_for_backward(x2)
         ctx.keep_weight(1, w)
-        return y.reshape(*x.shape[:-1], y.shape[-1])         # (B, T, C_out)
+        return affine(x2, w, b, transpose).reshape(*x.shape[:-1], -1)   # (B, T, C_out)
 
     @staticmethod
     def backward(ctx, g):

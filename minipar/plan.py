@@ -160,6 +160,8 @@ def print_communication(args, phi, dp):
             ("ZeRO-3", "3Φ(N-1)/N", comm_elements_per_step(phi, dp, 3), grad_bytes),
             (f"TP t={args.tp}", "8bsh(t-1)/t x L/p x m",
              tp_comm_elements(b, s, h, args.tp, args.layers // args.pp) * m, act_bytes),
+            (f"TP+SP t={args.tp}", "10bsh(t-1)/t x L/p x m",
+             tp_comm_elements(b, s, h, args.tp, args.layers // args.pp, True) * m, act_bytes),
             (f"PP p={args.pp}", "bsh x m, each direction",
              pp_comm_elements(b, s, h, m) if args.pp > 1 else 0, act_bytes))
     print(f"Communication per step, sent by one GPU (ring collectives; N = {dp}, m = {m} micro-batches)")

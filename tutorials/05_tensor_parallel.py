@@ -112,7 +112,9 @@ say(f"rank 0: g forward {g_forward} (sum = {total}), g backward {g_backward} (it
 # (f), each of b·s·h elements. We feed the serial block and this rank's block
 # the same input and compare output and input gradient. With sequence
 # parallelism the block takes and returns (B, T/t, C): f and g become an
-# all-gather along T and a reduce-scatter along T, moving the same bytes.
+# all-gather along T and a reduce-scatter along T, moving the same bytes. As in
+# Megatron, c_attn and fc keep only the T/t chunk of their input for backward
+# and all-gather it again there: two more all-gathers, 10 instead of 8 b·s·h.
 
 # %%
 rng = np.random.default_rng(0)
@@ -140,8 +142,9 @@ for sp in (False, True):
     say("  forward : " + ", ".join(f"{e.op}({e.elements})" for e in fwd.entries))
     say("  backward: " + ", ".join(f"{e.op}({e.elements})" for e in bwd.entries))
     say(f"  b*s*h = {b * s * h}: {len(big)} calls sent {sent:g} elements per rank; "
-        f"8 b s h (t-1)/t = {tp_comm_elements(b, s, h, t):g}")
-    agree(tp, sent == tp_comm_elements(b, s, h, t), "the layer's traffic is not 8bsh(t-1)/t")
+        f"{10 if sp else 8} b s h (t-1)/t = {tp_comm_elements(b, s, h, t, sequence_parallel=sp):g}")
+    agree(tp, sent == tp_comm_elements(b, s, h, t, sequence_parallel=sp),
+          "the layer's traffic is not 8bsh(t-1)/t (10bsh(t-1)/t under SP)")
 
 # %% [markdown]
 # Under SP the small all-reduces in backward (2h and h elements) are the

@@ -16,7 +16,10 @@ f and g are replaced by their sequence counterparts:
 
 An all-reduce IS a reduce-scatter followed by an all-gather, so the bytes moved
 are the same as with f and g; what changes is that nothing outside the
-attention/MLP interior is stored in full.
+attention/MLP interior is stored in full. The gathered input of the first
+matmul is not kept either: `GatherLinear` saves this rank's T/tp chunk and
+all-gathers it again in backward (Megatron's choice: 2 more all-gathers of
+b·s·h per layer, and every activation a layer saves is then cut by tp).
 
 Replicated weights (LayerNorm w and b, the positions table wpe, a row-parallel
 bias) are now applied by each rank to ITS chunk of T only, so each rank's dW is a
@@ -95,6 +98,37 @@ class ReduceScatterSeq(Function):
     @staticmethod
     def backward(ctx, grad):
         return _gather_seq(grad, ctx.group)                    # (B, T/tp, C) -> (B, T, C)
+
+
+class GatherLinear(Function):
+    """f-bar fused with the column-parallel matmul that follows it, as Megatron runs it:
+
+        forward   x_full = all-gather_T(x)        (B, T/tp, C) -> (B, T, C)
+                  y = x_full A_t + b_t            keep only x, this rank's chunk
+        backward  x_full = all-gather_T(x)        again: the "re-gather"
+                  dx = reduce-scatter_T(dy A_t^T),  dA_t = x_full^T dy,  db_t = sum dy
+
+    Saving x instead of x_full is what makes the LayerNorm output, the input of
+    c_attn and fc, cost s·b·h/t instead of s·b·h per rank (Korthikanti et al. 2022,
+    §4.2.2); it costs one more all-gather of b·s·h per use in backward. With a
+    wgrad queue (ZB-H1) the re-gathered x_full waits with the deferred dA_t."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None, group=None, transpose=False):
+        full = _gather_seq(x, group)                           # (B, T, C_in)
+        ctx.group, ctx.transpose, ctx.x_shape = group, transpose, full.shape
+        ctx.save_for_backward(x)                               # (B, T/tp, C_in): all that is kept
+        ctx.keep_weight(1, w)
+        y = ops.affine(full.reshape(-1, full.shape[-1]), w, b, transpose)   # (B*T, C_out/tp)
+        return y.reshape(*full.shape[:-1], -1)                 # (B, T, C_out/tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        full = _gather_seq(x, ctx.group)                       # re-gather: (B, T, C_in)
+        ctx.saved = (full.reshape(-1, full.shape[-1]),)        # (B*T, C_in), what Linear.backward reads
+        dx, dw, db = ops.Linear.backward(ctx, grad)            # dx (B, T, C_in): partial over tp
+        return _reduce_scatter_seq(dx, ctx.group), dw, db      # (B, T/tp, C_in)
 
 
 class SumWeightGrads(Function):

@@ -15,16 +15,21 @@ communication. Each pair is wrapped by Megatron's conjugate operators:
 So per layer and micro-batch: 2 all-reduces of b*s*h forward (g) and 2 backward
 (f), i.e. 8*b*s*h*(t-1)/t elements sent per rank (memory.tp_comm_elements). With
 sequence parallelism (sequence_parallel.py) f and g become all-gather /
-reduce-scatter along T with the same volume: 4 all-gathers + 4 reduce-scatters.
+reduce-scatter along T with the same volume, plus Megatron's re-gather of the
+c_attn and fc inputs in backward (GatherLinear keeps only their T/tp chunk):
+6 all-gathers + 4 reduce-scatters, 10*b*s*h*(t-1)/t elements.
 
 Per micro-batch outside the layers (the tests count these separately):
                    no SP                       SP
     embedding fwd  all-reduce bsh (g)          reduce-scatter bsh
               bwd  -                           all-gather bsh; all-reduce seq_len*h (wpe grad)
     head      fwd  -                           all-gather bsh
-              bwd  all-reduce bsh (f)          reduce-scatter bsh; all-reduce 2h (ln_f grads)
+              bwd  all-reduce bsh (f)          all-gather bsh (re-gather), reduce-scatter bsh;
+                                               all-reduce 2h (ln_f grads)
     loss      fwd  all-reduce b*s (row max), all-reduce 2*b*s (sum exp, target logit)
-    layer     bwd  -                           all-reduce 2h twice (ln_1, ln_2), h twice (biases)
+    layer     bwd  -                           all-gather bsh twice (re-gathers of the c_attn and
+                                               fc inputs); all-reduce 2h twice (ln_1, ln_2), h
+                                               twice (biases)
 
 Head split: the serial c_attn weight (C, H*3*D) is packed head-major, so whole
 heads are one contiguous block of columns; rank t runs heads H*t/tp .. H*(t+1)/tp.
@@ -38,7 +43,7 @@ from minipar import nn, ops
 from minipar.backend import array_module
 from minipar.autograd import Function
 from minipar.nn import GPT, Block, Parameter, ShardSpec
-from minipar.parallel.sequence_parallel import (GatherSeq, ReduceScatterSeq, SequenceParallelLayerNorm,
+from minipar.parallel.sequence_parallel import (GatherLinear, ReduceScatterSeq, SequenceParallelLayerNorm,
                                                 add_bias, check_divisible, cut_key, positions)
 from minipar.parallel.vocab_parallel import (VocabParallelEmbedding, vocab_parallel_argmax,
                                              vocab_parallel_cross_entropy, vocab_range)
@@ -72,9 +77,12 @@ class ReduceFromTP(Function):
         return grad
 
 
-def enter_tp(x, group, sequence_parallel):
-    """Into a tensor-parallel region: f, or under SP all-gather along T. (B, T[/tp], C) -> (B, T, C)."""
-    return GatherSeq.apply(x, group=group) if sequence_parallel else CopyToTP.apply(x, group=group)
+def column_linear(x, w, b, group, sequence_parallel, transpose=False):
+    """x A_t + b_t entering a tensor-parallel region. Under SP the all-gather is fused with
+    the matmul, so only x's T/tp chunk is kept for backward (GatherLinear)."""
+    if sequence_parallel:
+        return GatherLinear.apply(x, w, b, group=group, transpose=transpose)   # (B, T, C_out/tp)
+    return ops.linear(CopyToTP.apply(x, group=group), w, b, transpose=transpose)   # (B, T, C_out/tp)
 
 
 def leave_tp(x, group, sequence_parallel):
@@ -99,8 +107,8 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x):
-        x = enter_tp(x, self.group, self.sequence_parallel)   # (B, T, C_in), replicated
-        return ops.linear(x, self.weight, self.bias)           # (B, T, C_out/tp)
+        # (B, T[/tp], C_in) -> (B, T, C_out/tp): f, or under SP all-gather along T
+        return column_linear(x, self.weight, self.bias, self.group, self.sequence_parallel)
 
 
 class RowParallelLinear(nn.Module):
@@ -242,8 +250,8 @@ class TensorParallelGPT(GPT):
         x = self.ln_f(x)                                   # (B, T[/tp], C)
         if self.lm_head is not None:
             return self.lm_head(x)                         # column-parallel over V: (B, T, V/tp)
-        x = enter_tp(x, self.group, self.sequence_parallel)   # (B, T, C) replicated
-        return ops.linear(x, self.wte.weight, transpose=True)   # (B, T, V/tp) = x wte_t^T
+        # (B, T, V/tp) = x wte_t^T, entering the tp region as any column-parallel linear does
+        return column_linear(x, self.wte.weight, None, self.group, self.sequence_parallel, transpose=True)
 
     def criterion(self, logits, targets):
         return vocab_parallel_cross_entropy(logits, targets, self.group, self.v0)
