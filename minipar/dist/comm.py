@@ -217,10 +217,13 @@ class Group:
 
     def broadcast_(self, x, root=0):
         """Root's x into every rank's x, in place. Ledger: (n-1)/n * S, S = x.nbytes."""
-        buf = self.wire.out(x)
-        self.comm.Bcast(raw(buf), root=root)
+        if self.rank == root:                  # the root's x is sent, never changed
+            self.comm.Bcast(raw(self.wire.out(x)), root=root)
+        else:                                  # the others' x is only written: nothing copied down
+            buf = self.wire.landing(x)
+            self.comm.Bcast(raw(buf), root=root)
+            self.wire.write_back(x, buf)
         self._record("broadcast", x)
-        self.wire.write_back(x, buf)
         return x
 
     def send(self, x, dest, tag=0):
