@@ -139,7 +139,6 @@ class MemoryLedger:
             "current": self.current(),
             "peak": self.peak(),
             "model_state": self.model_state_bytes(),
-            "transfers": self.transfers.as_dict(),
             "by_category": {c: {p: {"current": self.current(c, p), "peak": self.peak(c, p)}
                                 for p in PLACEMENTS} for c in CATEGORIES},
         }

@@ -6,7 +6,8 @@ the README and kept stable for graders:
 
     config, layout, optim, losses, initial_accuracy, final_accuracy, step_time_s,
     tokens_per_s, memory (per rank), comm (per rank: group -> op -> calls/elements/bytes),
-    device, transfers (per rank: host <-> device bytes of the engine and of MPI staging), bubble ({measured, logical, formula} or null), parity ({max_rel_err, ok, tol} or null)
+    device, transfers (per rank: host <-> device bytes of the engine and of MPI staging),
+    bubble ({measured, logical, formula} or null), parity ({max_rel_err, ok, tol} or null)
 """
 import json
 import os
