@@ -15,32 +15,16 @@ script). Writes benchmarks/out/device_n<ranks>.json.
 """
 import argparse
 import sys
-import time
 
-from common import BATCH, BENCH_GPT, bench_task, model_flops_per_step, one_blas_thread, summarize, write_json
+from common import (BATCH, BENCH_GPT, bench_task, model_flops_per_step, one_blas_thread, summarize,
+                    time_steps, write_json)
 
 one_blas_thread()  # before numpy is imported
 
-from minipar.backend import synchronize  # noqa: E402
 from minipar.dist.comm import CommLedger, Group  # noqa: E402
 from minipar.dist.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
-from minipar.nn import GPTConfig  # noqa: E402
-
-
-def timed_steps(engine, task, warmup, steps, world=None):
-    """Seconds of each timed train_step, device work included; with `world`, of the slowest rank
-    (max of one float over world, 0 bytes)."""
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        engine.train_step(step, task, BATCH)
-        synchronize(engine.params[0].data)                 # the queued kernels are done too
-        seconds = time.perf_counter() - start
-        seconds = world.max_(seconds) if world is not None else seconds
-        if step >= warmup:
-            times.append(seconds)
-    return times
+from minipar.nn import GPT, GPTConfig  # noqa: E402
 
 
 def main(argv=None):
@@ -62,7 +46,7 @@ def main(argv=None):
         devices = ("cpu", args.device) if n == 1 else (args.device,)
         for device in devices:
             engine = Engine(cfg, Layout(), device=device)
-            serial[device] = summarize(timed_steps(engine, task, args.warmup, args.steps))
+            serial[device] = summarize(time_steps(engine, task, BATCH, args.warmup, args.steps))
     world.barrier()
     serial = world.bcast_object(serial)
     result["serial"] = serial
@@ -70,13 +54,13 @@ def main(argv=None):
     moved = world.ledger.transfers
     if n > 1:
         engine = Engine(cfg, Layout(dp=n), device=args.device, grid=ProcessGrid(world, n, 1, 1))
-        timed_steps(engine, task, args.warmup, 0, world)
-        moved.reset()
-        dp = summarize(timed_steps(engine, task, 0, args.steps, world))
+        time_steps(engine, task, BATCH, args.warmup, 0, world=world)
+        moved.reset()                                      # count the timed steps only
+        dp = summarize(time_steps(engine, task, BATCH, 0, args.steps, args.warmup, world))
         result["dp"] = {**dp, "staged_to_host_per_step": moved.to_host / args.steps,
                         "staged_to_device_per_step": moved.to_device / args.steps}
 
-    flops = model_flops_per_step(Engine(cfg, Layout(), device="cpu").model, BATCH)
+    flops = model_flops_per_step(GPT(cfg), BATCH)
     say(f"bench GPT {cfg.n_layer}x{cfg.d_model}, batch {BATCH}, {cfg.precision}, {flops / 1e9:.1f} GFLOP "
         f"per step; device {args.device}; MPI {'CUDA-aware' if world.wire.direct else 'not CUDA-aware: staged'}")
     base = serial[args.device]["median_s"]
