@@ -10,17 +10,17 @@ With every degree 1 the engine *is* the serial run, the oracle all parity
 checks compare against. The global batch is fixed: data-parallel rank d takes
 samples [d*B/dp, (d+1)*B/dp), which are then cut into equal micro-batches.
 """
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from minipar import autograd
 from minipar.backend import array_module, device_module, to_device, to_host
+from minipar.contracts import LocalGrads
 from minipar.dist.ledger import CommLedger
 from minipar.memory import MemoryLedger
 from minipar.nn import GPT, DropoutKey
-from minipar.optim import SGD, AdamW, LossScaler, grad_stats, prepare_step
+from minipar.optim import SGD, AdamW, LossScaler, prepare_step
 
 
 @dataclass
@@ -91,8 +91,11 @@ class Engine:
     Strategy plug-in points (each strategy file provides one function/class):
       tp > 1         model = shard_tensor_parallel(model, grid.tp_group, sequence_parallel)
       pp > 1         self.pipeline = Pipeline(model, grid, layout, ...) runs forward/backward
-      zero or offload  self.optimizer = ZeroOptimizer(...) is both grad sync and optimizer
-      else dp > 1    self.sync = DataParallel(...) + a plain optimizer
+      zero or offload  self.optimizer = self.sync = ZeroOptimizer(...), both contracts
+      else           self.sync = DataParallel(...) (dp > 1) or LocalGrads, and a plain optimizer
+
+    `self.sync` is a contracts.GradientSync and `self.optimizer` a contracts.ModelOptimizer:
+    the engine calls nothing else on them.
     """
 
     default_device = "cpu"         # what device=None means (the test harness's --device sets it)
@@ -129,7 +132,6 @@ class Engine:
             self.params = self.model.parameters()
         for p in self.params:                    # built and cut on the host, now moved to the device once
             p.data = to_device(p.data, self.xp, self.ledger.transfers)
-        self.sync = None
         if lay.zero or lay.offload:
             from minipar.parallel.zero import ZeroOptimizer
             self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp_group if grid else None, lay,
@@ -138,6 +140,8 @@ class Engine:
             if self.dp_group is not None and self.dp_group.size > 1:
                 from minipar.parallel.data_parallel import DataParallel
                 self.sync = DataParallel(self.params, self.dp_group, lay.bucket_bytes, lay.overlap and lay.pp == 1)
+            else:
+                self.sync = LocalGrads(self.params)
             self.optimizer = make_optimizer(self.params, self.optim_cfg, self.precision)
             self._register_model_state()
 
@@ -146,13 +150,14 @@ class Engine:
         for p in self.params:
             self.ledger.add(f"param:{p.name}", p.data, "param")
             self.ledger.add(f"grad:{p.name}", p.data.nbytes, "grad")
-        opt = self.optimizer
-        for i, p in enumerate(self.params):
-            if opt.master[i] is not p.data:
-                self.ledger.add(f"master:{p.name}", opt.master[i], "master")
-            for attr, cat in (("m", "optim_m"), ("v", "optim_v")):
-                if hasattr(opt, attr):
-                    self.ledger.add(f"{attr}:{p.name}", getattr(opt, attr)[i], cat)
+        state = self.optimizer.state()
+        for p in self.params:
+            s = state[p.name]
+            if s["master"] is not p.data:
+                self.ledger.add(f"master:{p.name}", s["master"], "master")
+            for kind, cat in (("m", "optim_m"), ("v", "optim_v")):
+                if kind in s:
+                    self.ledger.add(f"{kind}:{p.name}", s[kind], cat)
 
     # ---- one step ---------------------------------------------------------------------
     def local_indices(self, global_batch):
@@ -163,11 +168,7 @@ class Engine:
         return np.split(mine, self.layout.micro_batches)
 
     def zero_grad(self):
-        if self.sync is not None:
-            self.sync.zero_grad()
-        else:
-            for p in self.params:
-                p.grad = None
+        self.sync.zero_grad()
 
     def loss_scale(self):
         return self.scaler.scale if self.scaler is not None else 1.0
@@ -180,8 +181,7 @@ class Engine:
             return self.pipeline.forward_backward(step, task, micro, self.loss_scale(), self.sync)
         total = 0.0
         for i, idx in enumerate(micro):
-            if self.sync is not None:
-                self.sync.sync = i == len(micro) - 1      # communicate on the last micro-batch only
+            self.sync.set_last_micro_batch(i == len(micro) - 1)   # communicate on the last one only
             x, y = task.batch(step, idx)
             loss = self.model.loss(x, y, DropoutKey(self.seed, step, idx))
             # d(S * loss / M): the 1/M makes the accumulated gradient the mean over micro-batches
@@ -197,26 +197,20 @@ class Engine:
             loss = self.forward_backward(step, task, global_batch)
         if self.pipeline is not None:           # tied wte: sum first, ZeRO's reduce-scatter takes the grads
             self.pipeline.sync_tied_grads()
-        if self.sync is not None:
-            self.sync.finish()
+        self.sync.finish()
         grad_scale, self.grad_norm = prepare_step(self.params, self.optim_cfg.max_norm, self.scaler,
-                                                  self.reduce_grad_stats, self.local_grad_stats())
+                                                  self.reduce_grad_stats, self.optimizer.grad_stats())
         if grad_scale is not None:
             with autograd.no_grad():
                 self.optimizer.step(grad_scale)
         return self.mean_loss(loss)
 
-    def local_grad_stats(self):
-        """[sum g^2, #non-finite] over the gradient entries this rank owns."""
-        if hasattr(self.optimizer, "grad_stats"):
-            return self.optimizer.grad_stats()          # ZeRO: this rank's gradient shard
-        return grad_stats(self.params)
-
     def reduce_grad_stats(self, stats):
-        """Sum the stats over every rank that owns distinct gradient entries."""
+        """Sum the stats over every rank that owns distinct gradient entries: the model-parallel
+        group, or the whole world when each dp rank owns a shard of the gradients (ZeRO)."""
         if self.grid is None:
             return stats
-        group = self.grid.world if hasattr(self.optimizer, "grad_stats") else self.grid.mp_group
+        group = self.grid.world if self.optimizer.shards_gradients else self.grid.mp_group
         if group.size == 1:
             return stats
         # all-reduce (sum) of 2 floats over the model-parallel (or whole, for ZeRO) group
@@ -257,13 +251,11 @@ class Engine:
     def inspect(self):
         """A context in which every local parameter and its averaged gradient are whole on this
         rank (ZeRO keeps shards: it gathers them, collectively, and releases them on exit)."""
-        if hasattr(self.optimizer, "gathered"):
-            return self.optimizer.gathered()
-        return contextlib.nullcontext(self)
+        return self.optimizer.gathered()
 
     def named_state(self):
         """{serial name: (parameter, {"m", "v", "master"})} for what this rank holds."""
-        state = self.optimizer.state() if hasattr(self.optimizer, "state") else {}
+        state = self.optimizer.state()
         return {p.name: (p, state.get(p.name, {})) for p in self.params}
 
     # ---- checkpoints (minipar/checkpoint.py) ---------------------------------------------------
@@ -271,20 +263,12 @@ class Engine:
         return self.optimizer.t
 
     def load_state(self, state, t, loss_scale=None, clean_steps=None):
-        """Set parameters and optimizer state from {name: {"param", "master", "m", "v"}} local slices."""
-        if hasattr(self.optimizer, "load_state"):
-            self.optimizer.load_state(state, t)            # ZeRO: keeps only this rank's shard
-        else:
-            opt = self.optimizer
-            for i, p in enumerate(self.params):
-                s = {k: to_device(v, self.xp, self.ledger.transfers)              # host -> device
-                     for k, v in state[p.name].items()}
-                p.data[...] = s["param"]
-                if opt.master[i] is not p.data:
-                    opt.master[i][...] = s.get("master", s["param"])
-                for kind in ("m", "v"):
-                    if hasattr(opt, kind) and kind in s:
-                        getattr(opt, kind)[i][...] = s[kind]
-            opt.t = t
+        """Set parameters and optimizer state from {name: {"param", "master", "m", "v" |
+        "momentum"}} host arrays in the local parameters' shapes (ZeRO keeps its shard)."""
+        on_device = {name: {k: to_device(v, self.xp, self.ledger.transfers)      # host -> device
+                            for k, v in arrays.items()} for name, arrays in state.items()}
+        self.optimizer.load_state(on_device, t)
+        if self.scaler is not None and loss_scale is not None:
+            self.scaler.scale, self.scaler.clean_steps = loss_scale, clean_steps
         if self.scaler is not None and loss_scale is not None:
             self.scaler.scale, self.scaler.clean_steps = loss_scale, clean_steps

@@ -10,11 +10,13 @@ parameter); the loss is multiplied by a scale S before backward and gradients
 divided by S before the update; a step whose gradients overflowed is skipped
 and S halves ("dynamic loss scaling").
 """
+import contextlib
 import math
 
 import numpy as np
 
 from minipar.backend import array_module
+from minipar.contracts import ModelOptimizer
 
 
 def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
@@ -55,9 +57,10 @@ def sgd_update(p, g, buf, lr, momentum, weight_decay):
     p -= lr * buf
 
 
-class Optimizer:
+class Optimizer(ModelOptimizer):
     """Holds per-parameter state; `master` is the array the update is applied to:
-    the parameter itself, or an fp32 master copy when parameters are fp16."""
+    the parameter itself, or an fp32 master copy when parameters are fp16.
+    The ModelOptimizer of every layout without ZeRO (contracts.py)."""
 
     def __init__(self, params, master_dtype=None):
         self.params = list(params)
@@ -85,6 +88,30 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
+    def grad_stats(self):
+        return grad_stats(self.params)
+
+    def gathered(self):
+        return contextlib.nullcontext(self)            # whole parameters and gradients already
+
+    def moments(self, i):
+        """{"m", "v"} or {"momentum"}: parameter i's moment arrays, those that exist."""
+        raise NotImplementedError
+
+    def state(self):
+        """Optimizer state by parameter name: {name: {"master", "m", "v" | "momentum"}}."""
+        return {p.name: {"master": self.master[i], **self.moments(i)} for i, p in enumerate(self.params)}
+
+    def load_state(self, state, t):
+        for i, p in enumerate(self.params):
+            s = state[p.name]
+            p.data[...] = s["param"]
+            if self.master[i] is not p.data:
+                self.master[i][...] = s.get("master", s["param"])
+            for kind, array in self.moments(i).items():
+                array[...] = s[kind] if kind in s else 0
+        self.t = t
+
 
 class AdamW(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, master_dtype=None):
@@ -97,10 +124,8 @@ class AdamW(Optimizer):
         adamw_update(p, g, self.m[i], self.v[i], self.t, self.lr, self.beta1, self.beta2,
                      self.eps, self.weight_decay)
 
-    def state(self):
-        """Optimizer state by parameter name: {name: {"m", "v", "master"}} (for parity checks)."""
-        return {p.name: {"m": self.m[i], "v": self.v[i], "master": self.master[i]}
-                for i, p in enumerate(self.params)}
+    def moments(self, i):
+        return {"m": self.m[i], "v": self.v[i]}
 
 
 class SGD(Optimizer):
@@ -111,6 +136,9 @@ class SGD(Optimizer):
 
     def update(self, i, p, g):
         sgd_update(p, g, self.buf[i], self.lr, self.momentum, self.weight_decay)
+
+    def moments(self, i):
+        return {} if self.buf[i] is None else {"momentum": self.buf[i]}
 
 
 class LossScaler:

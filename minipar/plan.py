@@ -57,6 +57,37 @@ def gpt_param_count(n_layers, hidden, vocab, seq_len, biases=False, tied_embeddi
     return phi
 
 
+def run_bytes_per_rank(cfg, layout, batch, eval_samples=0, check=False):
+    """The least memory one rank of `minipar.train` needs, {part: bytes} and "total", from
+    the formulas above: model states (ZeRO formula over dp for Φ/(tp·pp), Offload's host part
+    included: the same machine), the saved activations of the micro-batches one pipeline
+    stage keeps in flight (Korthikanti et al.: min(p, m) under 1F1B, m under GPipe), the
+    logits of those micro-batches and of the evaluation batch, and the serial run that
+    `--check` keeps beside it. `cfg` a GPTConfig, `layout` an engine Layout."""
+    size = ACTIVATION_BYTES[cfg.precision]
+    t, lay = layout.tp, layout
+    phi = gpt_param_count(cfg.n_layer, cfg.d_model, cfg.vocab_size, cfg.seq_len, biases=True,
+                          tied_embeddings=cfg.tied_embeddings)
+    states = model_state_bytes_formula(phi / (t * lay.pp), lay.dp, lay.zero, cfg.precision, lay.offload)
+    b = batch / (lay.dp * lay.micro_batches)                        # one micro-batch
+    in_flight = lay.micro_batches if lay.schedule == "gpipe" else min(lay.pp, lay.micro_batches)
+    masks = 1 if cfg.dropout else 0
+
+    def activations(b, t, layers, sp):
+        return activation_bytes_formula(cfg.seq_len, b, cfg.d_model, cfg.n_head, t, sp, size, masks) * layers
+
+    parts = {"model states": sum(states) if lay.offload else states,
+             "activations": activations(b, t, cfg.n_layer / lay.pp, lay.sequence_parallel) * in_flight,
+             "logits": 2 * b * cfg.seq_len * cfg.vocab_size / t * size * in_flight,
+             "evaluation": eval_samples * cfg.seq_len * (cfg.vocab_size + 4 * cfg.d_model) * size}
+    if check:
+        parts["--check serial run"] = (model_state_bytes_formula(phi, 1, 0, cfg.precision)
+                                       + activations(batch, 1, cfg.n_layer, False)
+                                       + 2 * batch * cfg.seq_len * cfg.vocab_size * size)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def figure1_round(value):
     """One decimal, half up, no trailing '.0' (ZeRO figure 1: 120, 31.4, 16.6, 1.9)."""
     return _strip(Decimal(value).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))

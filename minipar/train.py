@@ -10,13 +10,16 @@ Rank 0 alone prints. Configuration is argparse into dataclasses: no exec, no
 environment-variable switches.
 """
 import argparse
+import importlib.util
+import math
 import os
 import sys
 import time
 
+from minipar import checkpoint, plan
 from minipar.backend import DEVICES, device_module
 from minipar.data import make_task
-from minipar.dist.comm import CommLedger, Group
+from minipar.dist.comm import CommLedger, Group, exit_agreed
 from minipar.dist.grid import ProcessGrid, default_layout
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
@@ -27,6 +30,10 @@ PRESETS = {   # name: (n_layer, n_head, d_model)
     "small": (6, 8, 128),
     "bench": (4, 8, 512),
 }
+
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+MAX_SKIPPED_STEPS = 30     # mixed: a loss scale halved 30 times in a row (2^15 -> 2^-15) is no overflow
 
 
 class UsageError(Exception):
@@ -47,7 +54,8 @@ def build_parser():
     g.add_argument("--sequence-parallel", action="store_true", help="shard layer norms/dropout along the sequence")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
                    help="ZeRO stage over the dp group (default: 1 for the automatic layout, else 0)")
-    g.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer state and step on the host")
+    g.add_argument("--offload", action="store_true",
+                   help="ZeRO-Offload: optimizer state and step on the host (with --zero 0: all of it, every rank)")
     g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb-h1"), default="1f1b")
     g.add_argument("--micro-batches", type=int, default=None, help="micro-batches per dp rank (default: 2*pp)")
     g.add_argument("--virtual-stages", type=int, default=None,
@@ -76,7 +84,7 @@ def build_parser():
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping (<= 0: off)")
+    t.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     t.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--log-every", type=int, default=25)
@@ -85,96 +93,258 @@ def build_parser():
     o.add_argument("--report", help="write a JSON report to this path")
     o.add_argument("--trace", help="draw the pipeline Gantt chart to this PNG (needs matplotlib)")
     o.add_argument("--save", metavar="DIR", help="write a checkpoint here at the end (atomically)")
-    o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at the end only)")
     o.add_argument("--resume", metavar="DIR", help="continue from this checkpoint (any layout)")
     return p
 
 
+# ----------------------------------------------------------------------------- validation
+# Everything is checked before the first step, by every rank alike and without any
+# communication, so every rank reaches the same verdict (main() then compares them once).
+# A flag's rule goes in one of these tables; a rule between flags goes in check_flags.
+AT_LEAST_1 = ("dp", "pp", "tp", "micro_batches", "virtual_stages", "n_layer", "n_head", "d_model",
+              "seq_len", "vocab", "n_digits", "steps", "batch_size", "log_every", "eval_samples")
+AT_LEAST_0 = ("seed", "save_every")                       # 0 is meaningful: seed 0, no periodic save
+POSITIVE_FLOAT = ("lr", "bucket_mb")
+NON_NEGATIVE_FLOAT = ("weight_decay", "max_norm")         # 0: no decay, no clipping
+
+
+def flag(dest):
+    """The flag a user types for argparse's `dest`: batch_size -> --batch-size."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_flags(args):
+    """Each flag on its own, then the rules between flags. Zero, negative, NaN and inf are
+    errors, never replaced by a default."""
+    for dest in AT_LEAST_1 + AT_LEAST_0:
+        value, low = getattr(args, dest), 1 if dest in AT_LEAST_1 else 0
+        if value is not None and value < low:
+            raise UsageError(f"{flag(dest)} must be >= {low}, got {value}")
+    for dest in POSITIVE_FLOAT + NON_NEGATIVE_FLOAT:
+        value = getattr(args, dest)
+        if not math.isfinite(value) or value < 0 or (value == 0 and dest in POSITIVE_FLOAT):
+            raise UsageError(f"{flag(dest)} must be a finite number {'>' if dest in POSITIVE_FLOAT else '>='} 0, "
+                             f"got {value}")
+    if not (math.isfinite(args.dropout) and 0 <= args.dropout < 1):
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.seq_len is not None and args.data is None:
+        raise UsageError("--seq-len applies to --data only (the built-in task's length is 2 x --n-digits)")
+    if args.save_every and not args.save:
+        raise UsageError("--save-every needs --save DIR")
+    if args.virtual_stages not in (None, 1) and args.schedule != "interleaved":
+        raise UsageError("--virtual-stages > 1 needs --schedule interleaved")
+
+
+def choose_layout(args, world_size):
+    """(dp, pp, tp): the flags', with dp filling the world when it is not given."""
+    if args.dp is None and args.pp is None and args.tp is None:
+        return default_layout(world_size)
+    pp, tp = args.pp or 1, args.tp or 1          # None (not given) is 1; 0 was refused already
+    if args.dp is not None:
+        return args.dp, pp, tp
+    if world_size % (pp * tp):
+        raise UsageError(f"--pp {pp} x --tp {tp} = {pp * tp} does not divide the {world_size} ranks")
+    return world_size // (pp * tp), pp, tp
+
+
+def check_layout(cfg, layout, batch, world_size):
+    """Every layout rule, with the flags' names."""
+    lay = layout
+    if lay.world_size != world_size:
+        raise UsageError(f"--dp {lay.dp} x --pp {lay.pp} x --tp {lay.tp} = {lay.world_size} ranks, "
+                         f"but the job has {world_size} (mpirun -n {world_size})")
+    if cfg.n_head % lay.tp:
+        raise UsageError(f"--n-head {cfg.n_head} is not divisible by --tp {lay.tp}")
+    if cfg.vocab_size % lay.tp:
+        raise UsageError(f"the vocabulary of {cfg.vocab_size} is not divisible by --tp {lay.tp} (pass --vocab)")
+    if lay.sequence_parallel and cfg.seq_len % lay.tp:
+        raise UsageError(f"--sequence-parallel needs the sequence length {cfg.seq_len} divisible by --tp {lay.tp}")
+    if cfg.n_layer < lay.pp * lay.virtual_stages:
+        raise UsageError(f"--n-layer {cfg.n_layer} cannot fill --pp {lay.pp} x --virtual-stages "
+                         f"{lay.virtual_stages} = {lay.pp * lay.virtual_stages} pipeline stages")
+    if lay.schedule == "interleaved" and lay.micro_batches % lay.pp:
+        raise UsageError(f"--schedule interleaved needs --micro-batches ({lay.micro_batches}) "
+                         f"to be a multiple of --pp {lay.pp}")
+    if lay.zero == 3 and (lay.tp > 1 or lay.pp > 1):
+        raise UsageError("--zero 3 is supported with data parallelism only (use --zero 1 or 2 with --tp/--pp)")
+    if batch % (lay.dp * lay.micro_batches):
+        raise UsageError(f"--batch-size {batch} does not split into --dp {lay.dp} x "
+                         f"--micro-batches {lay.micro_batches} equal parts")
+
+
+def check_data(path):
+    """--data: an existing, readable, non-empty regular file."""
+    if not os.path.exists(path):
+        raise UsageError(f"--data {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"--data {path} is a directory, not a text file")
+    if not os.path.isfile(path):
+        raise UsageError(f"--data {path} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise UsageError(f"--data {path} cannot be read: {err.strerror}") from None
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"--data {path} is empty")
+
+
+def check_outputs(args, layout):
+    """--save, --report, --trace: writable, of the right kind; a PNG trace has matplotlib."""
+    if args.save:
+        reason = checkpoint.check_save_target(args.save)
+        if reason:
+            raise UsageError(f"--save {args.save}: {reason}")
+    for dest in ("report", "trace"):
+        path = getattr(args, dest)
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UsageError(f"{flag(dest)} {path} is a directory; give a file name")
+        if not os.path.isdir(parent):
+            raise UsageError(f"{flag(dest)} {path}: the directory {parent} does not exist")
+        if not checkpoint.writable_dir(parent) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise UsageError(f"{flag(dest)} {path} is not writable")
+    if args.trace:
+        if layout.pp == 1:
+            raise UsageError("--trace draws the pipeline schedule: this layout has no pipeline (--pp 1)")
+        if not args.trace.endswith(".png"):
+            raise UsageError(f"--trace {args.trace}: the Gantt chart is written as PNG (name it *.png)")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"--trace {args.trace} needs matplotlib (pip install matplotlib)")
+
+
+def check_memory(cfg, layout, args, world_size):
+    """Refuse a run whose plan (minipar.plan's per-rank estimate) exceeds this machine's memory."""
+    need = plan.run_bytes_per_rank(cfg, layout, args.batch_size, args.eval_samples, args.check)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = need["total"] * world_size                       # the ranks share this machine
+    if total > have:
+        parts = ", ".join(f"{k} {v / 2 ** 30:.3g}" for k, v in need.items() if k != "total")
+        raise UsageError(f"the run needs at least {need['total'] / 2 ** 30:.3g} GiB per rank ({parts}; "
+                         f"minipar.plan's estimate) x {world_size} rank(s), more than this machine's "
+                         f"{have / 2 ** 30:.3g} GiB: lower --batch-size or the model, or raise --micro-batches")
+
+
+def check_resume(args, cfg):
+    """--resume: a verified checkpoint of this model, saved before --steps."""
+    try:
+        manifest = checkpoint.read_manifest(args.resume, cfg)
+    except checkpoint.CheckpointError as err:
+        raise UsageError(f"--resume: {err}") from None
+    if manifest.get("seed", args.seed) != args.seed:
+        raise UsageError(f"--resume {args.resume} was trained with --seed {manifest['seed']}, "
+                         f"this run has --seed {args.seed} (its data and dropout would differ)")
+    if args.steps <= manifest["step"]:
+        raise UsageError(f"--steps {args.steps} is not beyond the checkpoint's step {manifest['step']} "
+                         f"({args.resume}): nothing to train (pass --steps > {manifest['step']})")
+
+
 def configure(args, world_size):
-    """Turn flags into (GPTConfig, Layout, OptimConfig, task); raise UsageError on bad input."""
-    auto = args.dp is None and args.pp is None and args.tp is None
-    if auto:
-        dp, pp, tp = default_layout(world_size)
-    else:
-        dp, pp, tp = args.dp or 1, args.pp or 1, args.tp or 1
-        if args.dp is None:
-            dp = max(world_size // (pp * tp), 1)
-    zero = args.zero if args.zero is not None else (1 if auto and dp > 1 else 0)
-    n_layer, n_head, d_model = PRESETS[args.preset]
-    n_layer = args.n_layer or n_layer
-    if args.schedule == "interleaved" and args.n_layer is None:
-        n_layer = max(n_layer, 2 * pp)                 # room for v = 2 chunks per pipeline rank
-    if args.virtual_stages is None:
-        args.virtual_stages = 2 if args.schedule == "interleaved" and n_layer >= 2 * pp else 1
-    for flag in ("steps", "batch_size", "log_every", "virtual_stages", "n_digits", "eval_samples"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    """Validate the whole run and turn flags into (GPTConfig, Layout, OptimConfig, task).
+    Raises UsageError with one line; reads files but never communicates."""
+    check_flags(args)
     try:
         device_module(args.device)
     except RuntimeError as err:
         raise UsageError(str(err)) from None
-    if args.resume and not os.path.isfile(os.path.join(args.resume, "manifest.json")):
-        raise UsageError(f"no checkpoint at {args.resume} (missing manifest.json)")
+    dp, pp, tp = choose_layout(args, world_size)
+    auto = args.dp is None and args.pp is None and args.tp is None
+    zero = args.zero if args.zero is not None else (1 if auto and dp > 1 else 0)
+    n_layer, n_head, d_model = PRESETS[args.preset]
+    n_layer = args.n_layer if args.n_layer is not None else n_layer
+    if args.schedule == "interleaved" and args.n_layer is None:
+        n_layer = max(n_layer, 2 * pp)                 # room for v = 2 chunks per pipeline rank
+    virtual = args.virtual_stages
+    if virtual is None:
+        virtual = 2 if args.schedule == "interleaved" and n_layer >= 2 * pp else 1
+    if args.data is not None:
+        check_data(args.data)
     try:
         task = make_task(args.data, args.seq_len, args.seed, args.n_digits)
     except (OSError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    vocab = args.vocab or -(-task.vocab_size // 8) * 8
+        raise UsageError(f"--data {args.data}: {err}" if args.data else str(err)) from None
+    vocab = args.vocab if args.vocab is not None else -(-task.vocab_size // 8) * 8
     if vocab < task.vocab_size:
         raise UsageError(f"--vocab {vocab} is smaller than the task's {task.vocab_size} tokens")
-    micro = args.micro_batches or (2 * pp if pp > 1 else 1)
-    try:
-        cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
-                        n_head=args.n_head or n_head, d_model=args.d_model or d_model,
-                        tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
-        layout = Layout(dp=dp, pp=pp, tp=tp, sequence_parallel=args.sequence_parallel, zero=zero,
-                        offload=args.offload, schedule=args.schedule, micro_batches=micro,
-                        virtual_stages=args.virtual_stages, bucket_bytes=int(args.bucket_mb * 2 ** 20),
-                        overlap=not args.no_overlap)
-        validate(cfg, layout, args.batch_size, world_size)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    micro = args.micro_batches if args.micro_batches is not None else (2 * pp if pp > 1 else 1)
+    n_head = args.n_head if args.n_head is not None else n_head
+    d_model = args.d_model if args.d_model is not None else d_model
+    if d_model % n_head:
+        raise UsageError(f"--d-model {d_model} is not divisible by --n-head {n_head}")
+    cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
+                    n_head=n_head, d_model=d_model,
+                    tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
+    layout = Layout(dp=dp, pp=pp, tp=tp, sequence_parallel=args.sequence_parallel, zero=zero,
+                    offload=args.offload, schedule=args.schedule, micro_batches=micro,
+                    virtual_stages=virtual, bucket_bytes=int(args.bucket_mb * 2 ** 20),
+                    overlap=not args.no_overlap)
+    check_layout(cfg, layout, args.batch_size, world_size)
+    check_outputs(args, layout)
+    check_memory(cfg, layout, args, world_size)
+    if args.resume:
+        check_resume(args, cfg)
     optim = OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                         max_norm=args.max_norm if args.max_norm > 0 else None)
     return cfg, layout, optim, task
 
 
-def validate(cfg, layout, batch, world_size):
-    """Every layout rule, checked identically on every rank before any collective."""
-    if layout.world_size != world_size:
-        raise ValueError(f"dp*pp*tp = {layout.dp}*{layout.pp}*{layout.tp} = {layout.world_size} "
-                         f"does not match the {world_size} ranks")
-    if cfg.n_head % layout.tp:
-        raise ValueError(f"n_head={cfg.n_head} is not divisible by tp={layout.tp}")
-    if cfg.vocab_size % layout.tp:
-        raise ValueError(f"vocab={cfg.vocab_size} is not divisible by tp={layout.tp} (pass --vocab)")
-    if layout.sequence_parallel and cfg.seq_len % layout.tp:
-        raise ValueError(f"sequence parallelism needs seq_len={cfg.seq_len} divisible by tp={layout.tp}")
-    if cfg.n_layer < layout.pp * layout.virtual_stages:
-        raise ValueError(f"{cfg.n_layer} layers cannot fill pp*virtual_stages = "
-                         f"{layout.pp * layout.virtual_stages} pipeline stages")
-    if layout.schedule == "interleaved" and layout.micro_batches % layout.pp:
-        raise ValueError(f"the interleaved schedule needs micro-batches ({layout.micro_batches}) "
-                         f"to be a multiple of pp={layout.pp}")
-    if layout.virtual_stages > 1 and layout.schedule != "interleaved":
-        raise ValueError("--virtual-stages > 1 needs --schedule interleaved")
-    if layout.zero == 3 and (layout.tp > 1 or layout.pp > 1):
-        raise ValueError("ZeRO-3 is supported with data parallelism only (use --zero 1 or 2 with tp/pp)")
-    if batch % (layout.dp * layout.micro_batches):
-        raise ValueError(f"global batch {batch} does not split into dp={layout.dp} x "
-                         f"micro-batches={layout.micro_batches} equal parts")
+def agree(world, attempt, *args):
+    """(attempt(*args), None) on every rank, or (None, the first failing rank's message) on
+    every rank if any rank raised UsageError or CheckpointError. One small collective, so a
+    verdict that differs between ranks (a file one node cannot read) ends every rank alike."""
+    result, mine = None, None
+    try:
+        result = attempt(*args)
+    except (UsageError, checkpoint.CheckpointError) as err:
+        mine = str(err)
+    verdicts = world.allgather_object(mine) if world.size > 1 else [mine]
+    message = next((v for v in verdicts if v is not None), None)
+    return (result, None) if message is None else (None, message)
+
+
+def parse_and_configure(argv, world_size):
+    args = build_parser().parse_args(argv)
+    return args, configure(args, world_size)
+
+
+def load_checkpoint(path, *engines):
+    """Load `path` into each engine; the step to resume at. Reads files, never communicates."""
+    return [checkpoint.load(path, e) for e in engines][0]
+
+
+# ----------------------------------------------------------------------------- the run
+def diverged(engine, loss, step, skipped):
+    """(why the run must stop or None, consecutive skipped steps). fp64/fp32: a non-finite loss
+    or gradient. mixed: the loss scaler skips overflowing steps by design; only a long run of
+    them is an error. Loss and gradient norm are the same on every rank: so is the verdict."""
+    if engine.scaler is None:
+        if not math.isfinite(loss):
+            return f"step {step}: the loss is {loss}: the run diverged (try a smaller --lr)", 0
+        if not math.isfinite(engine.grad_norm):
+            return f"step {step}: a gradient is not finite: the run diverged (try a smaller --lr)", 0
+        return None, 0
+    skipped = skipped + 1 if not math.isfinite(engine.grad_norm) else 0
+    if skipped >= MAX_SKIPPED_STEPS:
+        return (f"step {step}: {skipped} steps in a row skipped for non-finite gradients (loss scale now "
+                f"{engine.scaler.scale:g}): the run diverged (try a smaller --lr)"), skipped
+    return None, skipped
 
 
 def main(argv=None):
     world = Group.world(ledger=CommLedger())
     say = print if world.rank == 0 else (lambda *a, **k: None)
-    try:
-        args = build_parser().parse_args(argv)
-        cfg, layout, optim, task = configure(args, world.size)
-    except UsageError as err:
-        if world.rank == 0:
-            print(f"minipar.train: error: {err}", file=sys.stderr, flush=True)
-        return 2
+
+    def error(message, code=EXIT_USAGE):
+        say(f"minipar.train: error: {message}", file=sys.stderr, flush=True)
+        return code
+
+    validated, message = agree(world, parse_and_configure, argv, world.size)
+    if message is not None:
+        return error(message)
+    args, (cfg, layout, optim, task) = validated
     world = world.using(algorithm=args.collectives)
     from minipar import report
     grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp) if world.size > 1 else None
@@ -186,19 +356,15 @@ def main(argv=None):
 
     first = 0
     if args.resume:
-        from minipar import checkpoint
-        try:
-            first = checkpoint.load(args.resume, engine)
-            if serial is not None:
-                checkpoint.load(args.resume, serial)
-        except checkpoint.CheckpointError as err:    # every rank reads the same files: all fail alike
-            say(f"minipar.train: error: {err}", file=sys.stderr, flush=True)
-            return 2
+        engines = (engine,) if serial is None else (engine, serial)
+        first, message = agree(world, load_checkpoint, args.resume, *engines)   # before any step
+        if message is not None:
+            return error(f"--resume: {message}")
         say(f"resumed from {args.resume} at step {first}", flush=True)
     acc0 = engine.accuracy(task, args.eval_samples)
     say(f"held-out accuracy before training: {acc0:.3f}", flush=True)
     losses, step_times, parity_errs, start = [], [], [], time.perf_counter()
-    tokens, failure = args.batch_size * cfg.seq_len, None
+    tokens, failure, skipped = args.batch_size * cfg.seq_len, None, 0
     for step in range(first, args.steps):
         t0 = time.perf_counter()
         loss = engine.train_step(step, task, args.batch_size)
@@ -206,6 +372,10 @@ def main(argv=None):
         losses.append(loss)
         line = (f"step {step:5d} | loss {loss:.4f} | {tokens / step_times[-1]:9.0f} tok/s | "
                 f"{time.perf_counter() - start:6.1f} s")
+        why, skipped = diverged(engine, loss, step, skipped)
+        if why is not None:                  # the same verdict on every rank; nothing is saved
+            say(line, flush=True)
+            return error(why, EXIT_DIVERGED)
         if serial is not None:
             serial_loss = serial.train_step(step, task, args.batch_size)
             try:
@@ -218,7 +388,6 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.steps - 1:
             say(line, flush=True)
         if args.save and args.save_every and (step + 1) % args.save_every == 0:
-            from minipar import checkpoint
             checkpoint.save(args.save, engine, step + 1, world)
     acc1 = engine.accuracy(task, args.eval_samples)
     say(f"held-out accuracy after training: {acc1:.3f} (chance {1 / 10 if args.data is None else 0:.2f})",
@@ -227,10 +396,9 @@ def main(argv=None):
                                acc0, acc1, parity_errs, failure)
     say(report.format_summary(summary), flush=True)
     if args.save:
-        from minipar import checkpoint
         checkpoint.save(args.save, engine, len(losses) + first, world)
         say(f"checkpoint written to {args.save}", flush=True)
-    if args.trace and tracer is not None and world.rank == 0:
+    if args.trace and world.rank == 0:
         report.save_trace_png(summary, args.trace)
     if args.report and world.rank == 0:
         report.write_json(summary, args.report)
@@ -240,7 +408,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = main()
-    if code == 2:                   # a usage error every rank detected alike: exit without MPI_Abort noise
-        from minipar.dist.comm import exit_agreed
-        exit_agreed(code)
-    sys.exit(code)
+    if code:                        # every rank reached this code alike: a clean collective exit,
+        exit_agreed(code)           # with no MPI_Abort banner (see dist/comm.py)
+    sys.exit(0)

@@ -19,6 +19,8 @@ every dtype works.
 """
 import ctypes
 import functools
+import os
+import sys
 
 import numpy as np
 from mpi4py import MPI
@@ -304,17 +306,14 @@ class Group:
 
 
 def exit_agreed(code):
-    """End the job with `code` when every rank reached the same verdict (a usage error all
-    ranks detected alike). Rank 0 alone calls MPI_Abort(code) while the others wait, so the
-    job exits with `code` everywhere and MPICH adds one "Abort" line, not one per rank."""
-    import sys
+    """End this process with `code` when every rank reached the same verdict (a usage error
+    every rank detected alike in validation, a divergence every rank saw in the same loss).
+    A clean collective exit: all ranks flush, meet, finalize MPI and exit with `code`, so
+    mpiexec returns `code` and prints nothing of its own. A failure that only some ranks
+    see cannot come here (the others would wait forever): it raises, and `python -m mpi4py`
+    turns the exception into MPI_Abort, which ends the job with MPICH's "Abort" line."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if MPI.COMM_WORLD.Get_size() == 1:
-        sys.exit(code)
     MPI.COMM_WORLD.Barrier()        # everyone has printed and flushed
-    if MPI.COMM_WORLD.Get_rank() == 0:
-        import time
-        time.sleep(0.5)             # let mpiexec forward the flushed error line before the abort
-        MPI.COMM_WORLD.Abort(code)
-    MPI.COMM_WORLD.Barrier()        # never returns: rank 0's abort ends this process
+    MPI.Finalize()
+    os._exit(code)                  # past mpi4py's exit hook, which would call MPI_Abort(code)

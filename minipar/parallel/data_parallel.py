@@ -18,6 +18,8 @@ the last micro-batch (`sync=False` for the others).
 """
 import numpy as np
 
+from minipar.contracts import GradientSync
+
 
 class Bucket:
     """A flat gradient buffer for a run of parameters with the same dtype."""
@@ -32,8 +34,8 @@ class Bucket:
         self.ready, self.request = 0, None
 
 
-class DataParallel:
-    """Bucketed, overlapped gradient averaging over the data-parallel group."""
+class DataParallel(GradientSync):
+    """Bucketed, overlapped gradient averaging over the data-parallel group (a GradientSync)."""
 
     def __init__(self, params, group, bucket_bytes=2 ** 20, overlap=True):
         self.group, self.overlap, self.sync = group, overlap, True
@@ -61,6 +63,9 @@ class DataParallel:
             b.ready, b.request = 0, None
             for p, view in zip(b.params, b.views):
                 p.grad = view
+
+    def set_last_micro_batch(self, last):
+        self.sync = bool(last)         # False: accumulate only; finish() reduces what is left
 
     def _on_grad_ready(self, p):
         """Post-accumulate hook: launch the bucket's all-reduce once its last grad is final."""

@@ -89,9 +89,11 @@ class Partition:
         self.unit_of = {id(p): u for u in self.units for p in u.params}
         self.shard_is_view = len(self.units) == 1    # shard_of returns a view, not a copy
 
-    def flatten(self, xp, dtype):
-        """A new whole flat buffer (Φ_pad,) holding every parameter's data, unit by unit."""
-        return xp.concatenate([u.pack([p.data for p in u.params], xp, dtype) for u in self.units])
+    def flatten(self, xp, dtype, arrays=None):
+        """A new whole flat buffer (Φ_pad,) holding every parameter's data, unit by unit, or
+        `arrays[p.name]` in its place (None: zeros), as a checkpoint's state is loaded."""
+        of = (lambda p: p.data) if arrays is None else (lambda p: arrays[p.name])
+        return xp.concatenate([u.pack([of(p) for p in u.params], xp, dtype) for u in self.units])
 
     def point(self, flat, attr):
         """Set every parameter's `attr` ("data" or "grad") to its view of a whole flat buffer."""

@@ -82,6 +82,12 @@ class ShardOptimizer:
         self.bytes_to_device = new.nbytes
         return new
 
+    def load(self, shards):
+        """Set the state arrays this rank holds from {"master", "m", "v" | "momentum"} shards
+        (S,) on the device: a restored checkpoint. Offload: each goes device -> host once."""
+        for key, array in self.shards().items():
+            array[...] = to_host(shards[key], self.transfers) if self.offload else shards[key]
+
     def shards(self):
         """{"master", "m", "v"}: the state arrays this rank holds (S,), those that exist."""
         names = ("master", "m", "v") if self.cfg.name == "adamw" else ("master", "momentum")

@@ -21,8 +21,9 @@ advance: (b, T, C) per micro-batch, (b, T/tp, C) under sequence parallelism.
 Why the 1/M: the loss of a step is the mean of the M micro-batch means, so each
 backward starts from d(S * loss_mb / M) = S/M (S the loss scale), exactly as the
 serial engine's gradient accumulation does. Gradients of different micro-batches
-are accumulated interleaved, so the data-parallel sync is held off (sync = False)
-until the engine calls sync.finish() after the whole schedule.
+are accumulated interleaved, so the data-parallel sync is held off
+(`sync.set_last_micro_batch(False)`) until the engine calls sync.finish() after
+the whole schedule.
 """
 from dataclasses import dataclass, field
 
@@ -114,20 +115,16 @@ class Pipeline:
         plan = schedules.make_schedule(self.schedule, self.p, m, self.v)[self.rank]
         run = StepState(step, task, list(micro_indices), loss_scale,
                         split_weight_grads=any(a.op == "W" for a in plan))
-        held, self.executed = (sync.sync if sync is not None else None), []
+        self.executed = []
         if self.tracer is not None:
             self._trace_mark = len(self.tracer.events)
         if sync is not None:
-            sync.sync = False                     # micro-batches interleave: sync once, after
-        try:
-            for action in plan:
-                self._run(run, action)
-                self.executed.append(action)
-            for request in run.sends:
-                request.wait()
-        finally:
-            if sync is not None:
-                sync.sync = held
+            sync.set_last_micro_batch(False)      # micro-batches interleave: sync once, after
+        for action in plan:
+            self._run(run, action)
+            self.executed.append(action)
+        for request in run.sends:
+            request.wait()
         left = {name: sorted(getattr(run, name)) for name in ("inputs", "outputs", "grads", "wgrads")
                 if getattr(run, name)}
         if left:

@@ -45,6 +45,7 @@ import numpy as np
 
 from minipar.autograd import Function, Tensor
 from minipar.backend import array_module
+from minipar.contracts import GradientSync, ModelOptimizer
 from minipar.parallel.flat import Partition, register, unit_groups, unregister
 from minipar.parallel.offload import ShardOptimizer
 
@@ -63,9 +64,11 @@ class Regather(Function):
         return grad
 
 
-class ZeroOptimizer:
-    """Gradient sync and optimizer in one: the engine calls zero_grad(), sets `sync`
-    (True during the last micro-batch's backward), then finish(), grad_stats(), step()."""
+class ZeroOptimizer(GradientSync, ModelOptimizer):
+    """Gradient sync and optimizer in one (both contracts of contracts.py): the engine calls
+    zero_grad(), set_last_micro_batch() before each backward, then finish(), grad_stats(), step()."""
+
+    shards_gradients = True        # grad_stats() covers my shard: summed over the whole world
 
     def __init__(self, params, dp_group, layout, optim_cfg, precision, ledger, model=None):
         self.stage, self.offload = layout.zero, layout.offload
@@ -134,7 +137,7 @@ class ZeroOptimizer:
     # ---- gradients --------------------------------------------------------------------------------
     def zero_grad(self):
         """Zero the gradients; stages 0, 1 point every p.grad at its slot of the flat buffer."""
-        self.sync = False
+        self.sync = False              # communicate during this backward (the last micro-batch's)
         for u in self.part.units:
             u.ready = 0
         if self.flat_grad is not None:
@@ -144,6 +147,9 @@ class ZeroOptimizer:
         self.grad_shard[...] = 0
         for p in self.params:
             p.grad = None
+
+    def set_last_micro_batch(self, last):
+        self.sync = bool(last)
 
     def _on_grad(self, p):
         """Post-accumulate hook (stages 2, 3): reduce-scatter a unit once all its gradients are final.
@@ -211,6 +217,24 @@ class ZeroOptimizer:
             self.part.scatter_shard(self.flat_param, new)
         if self.shard_group is not None:
             self.gather_params()
+
+    def load_state(self, state, t):
+        """A checkpoint's whole local arrays in: each is packed into units as at construction
+        and only my chunks are kept (stage 3: of the parameters too). No communication."""
+        params = {p.name: state[p.name]["param"] for p in self.params}
+        own = self._own_params()
+        flat = self.part.flatten(self.xp, own.dtype, params)               # (Φ_pad,)
+        if self.stage == 3:
+            self.param_shard[...] = self.part.shard_of(flat)                # (S,)
+        else:
+            self.flat_param[...] = flat                                     # p.data are views of it
+        shards = {}
+        for key, array in self.optim.shards().items():
+            arrays = {p.name: state[p.name].get(key, params[p.name] if key == "master" else None)
+                      for p in self.params}                                 # missing moments: zeros
+            shards[key] = self.part.shard_of(self.part.flatten(self.xp, array.dtype, arrays))   # (S,)
+        self.optim.load(shards)
+        self.t = t
 
     def gather_params(self):
         """Stages 1, 2: every rank's updated chunks into every rank's whole flat parameters."""
