@@ -333,8 +333,10 @@ def diverged(engine, loss, step, skipped):
     return None, skipped
 
 
-def main(argv=None):
-    world = Group.world(ledger=CommLedger())
+def main(argv=None, world=None):
+    """The job on `world` (default: every rank); returns its exit code, the same on every rank:
+    0 done, 1 parity failed (--check), 2 bad input (EXIT_USAGE), 3 diverged (EXIT_DIVERGED)."""
+    world = world if world is not None else Group.world(ledger=CommLedger())
     say = print if world.rank == 0 else (lambda *a, **k: None)
 
     def error(message, code=EXIT_USAGE):

@@ -21,6 +21,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -306,14 +307,26 @@ class Group:
 
 
 def exit_agreed(code):
-    """End this process with `code` when every rank reached the same verdict (a usage error
-    every rank detected alike in validation, a divergence every rank saw in the same loss).
-    A clean collective exit: all ranks flush, meet, finalize MPI and exit with `code`, so
-    mpiexec returns `code` and prints nothing of its own. A failure that only some ranks
-    see cannot come here (the others would wait forever): it raises, and `python -m mpi4py`
-    turns the exception into MPI_Abort, which ends the job with MPICH's "Abort" line."""
+    """End the job with `code` when every rank reached the same verdict (a usage error every
+    rank detected alike in validation, a divergence every rank saw in the same loss), with
+    nothing printed but the application's own line.
+
+    Not MPI_Abort: MPICH prints "Abort(code) on node 0 ... MPI_Abort(...)" for it. Not each
+    rank exiting with `code` either: MPICH's process manager (hydra) kills the ranks still
+    running when the first one exits, and prints a "BAD TERMINATION" banner for them. So
+    under hydra, once every rank has flushed, rank 0 makes the request MPI_Abort makes
+    underneath, an abort of the job with `code` on its process-manager connection (the PMI
+    wire protocol, fd $PMI_FD), and hydra ends every rank quietly; mpiexec returns `code`.
+    Elsewhere (one process, another launcher) every rank finalizes and exits with `code`.
+    A failure that only some ranks see must not come here (the others would wait forever):
+    it raises, and `python -m mpi4py` turns the exception into MPI_Abort."""
     sys.stdout.flush()
     sys.stderr.flush()
-    MPI.COMM_WORLD.Barrier()        # everyone has printed and flushed
+    world = MPI.COMM_WORLD
+    world.Barrier()                 # everyone has printed and flushed
+    if world.Get_size() > 1 and os.environ.get("PMI_FD", "").isdigit():
+        if world.Get_rank() == 0:
+            os.write(int(os.environ["PMI_FD"]), f"cmd=abort exitcode={code}\n".encode())
+        time.sleep(30)              # hydra ends every rank; if it did not, exit as below
     MPI.Finalize()
     os._exit(code)                  # past mpi4py's exit hook, which would call MPI_Abort(code)
