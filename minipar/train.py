@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from minipar import checkpoint, plan
 from minipar.backend import DEVICES, device_module
 from minipar.data import make_task
@@ -369,7 +371,8 @@ def main(argv=None, world=None):
     tokens, failure, skipped = args.batch_size * cfg.seq_len, None, 0
     for step in range(first, args.steps):
         t0 = time.perf_counter()
-        loss = engine.train_step(step, task, args.batch_size)
+        with np.errstate(all="ignore"):      # an overflow is diverged()'s to report, in one line
+            loss = engine.train_step(step, task, args.batch_size)
         step_times.append(time.perf_counter() - t0)
         losses.append(loss)
         line = (f"step {step:5d} | loss {loss:.4f} | {tokens / step_times[-1]:9.0f} tok/s | "
