@@ -224,10 +224,15 @@ def check_memory(cfg, layout, args, world_size):
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     total = need["total"] * world_size                       # the ranks share this machine
     if total > have:
-        parts = ", ".join(f"{k} {v / 2 ** 30:.3g}" for k, v in need.items() if k != "total")
-        raise UsageError(f"the run needs at least {need['total'] / 2 ** 30:.3g} GiB per rank ({parts}; "
-                         f"minipar.plan's estimate) x {world_size} rank(s), more than this machine's "
-                         f"{have / 2 ** 30:.3g} GiB: lower --batch-size or the model, or raise --micro-batches")
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
+        raise UsageError(f"the run needs at least {gib(need['total'])} GiB per rank ({parts}; minipar.plan's "
+                         f"estimate) x {world_size} rank(s), more than this machine's {gib(have)} GiB: "
+                         f"lower --batch-size, --eval-samples or the model, or raise --micro-batches")
+
+
+def gib(nbytes):
+    x = nbytes / 2 ** 30
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def check_resume(args, cfg):
@@ -267,7 +272,7 @@ def configure(args, world_size):
     try:
         task = make_task(args.data, args.seq_len, args.seed, args.n_digits)
     except (OSError, ValueError) as err:
-        raise UsageError(f"--data {args.data}: {err}" if args.data else str(err)) from None
+        raise UsageError(f"--data {err}" if args.data else str(err)) from None
     vocab = args.vocab if args.vocab is not None else -(-task.vocab_size // 8) * 8
     if vocab < task.vocab_size:
         raise UsageError(f"--vocab {vocab} is smaller than the task's {task.vocab_size} tokens")
