@@ -34,6 +34,7 @@ from minipar.dist.comm import CommLedger, Group  # noqa: E402
 from minipar.dist.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
 from minipar.nn import GPTConfig  # noqa: E402
+from minipar.parallel.data_parallel import DataParallel  # noqa: E402
 
 SYNC_MODES = {
     "bucketed+overlap": dict(bucket_bytes=2 ** 20, overlap=True),
@@ -58,14 +59,14 @@ def bench_modes(world, grid, modes, task, warmup, steps):
     processes on a shared machine hits every mode alike instead of ruining one."""
     engines = {mode: Engine(GPTConfig(**BENCH_GPT), Layout(dp=world.size, **SYNC_MODES.get(mode, {})),
                             grid=grid) for mode in modes}
-    finish_s = {mode: timed_finish(e) if e.sync is not None else [] for mode, e in engines.items()}
+    finish_s = {mode: timed_finish(e) if isinstance(e.sync, DataParallel) else [] for mode, e in engines.items()}
     times, sent, _ = time_in_turns(engines, task, BATCH, warmup, steps, world, grid.dp_group)
     results = {}
     for mode, engine in engines.items():
         results[mode] = summarize(times[mode])
         results[mode].update(finish_median_s=statistics.median(finish_s[mode][warmup:] or [0.0]),
                              dp_bytes_sent_per_step=sent[mode],
-                             buckets=len(engine.sync.buckets) if engine.sync is not None else 0)
+                             buckets=len(engine.sync.buckets) if isinstance(engine.sync, DataParallel) else 0)
     return results
 
 
