@@ -88,7 +88,7 @@ def run(first, layout, precision, start, stop, resume=None, saves=None):
     if group is None:
         return None
     grid = ProcessGrid(group, layout.dp, layout.pp, layout.tp) if layout.world_size > 1 else None
-    engine = Engine(config(precision), layout, OPTIM, seed=3, grid=grid, device="cpu")
+    engine = Engine(config(precision), layout, OPTIM, seed=3, grid=grid)   # the harness's --device
     if resume is not None:
         assert checkpoint.load(resume, engine) == start
     losses = []
@@ -130,6 +130,8 @@ PRECISIONS = ("fp64", "fp64", "fp64", "fp32", "mixed")   # others resume into th
 @example(save="default4", resume="default4", precision="mixed")
 def test_any_layout_resumes_any_checkpoint(job, world, save, resume, precision):
     first, tmp = job
+    if save not in FITS or resume not in FITS:             # an explicit example for a bigger job
+        return
     resume = resume if precision == "fp64" else save
     where = os.path.join(tmp, f"{save}-{resume}-{precision}")
     at_k, full, resumed = where + "-k", where + "-full", where + "-resumed"
