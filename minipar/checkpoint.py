@@ -42,6 +42,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
@@ -231,19 +232,44 @@ def read_manifest(path, cfg=None, name=MANIFEST):
     return manifest
 
 
-def assemble(path, manifest, kind, name):
+class Reader:
+    """The arrays of a checkpoint's files, each file opened once (np.load, no pickles)."""
+
+    def __init__(self, path):
+        self.path, self.files = path, {}
+
+    def get(self, fname, key):
+        if fname not in self.files:
+            try:
+                self.files[fname] = np.load(os.path.join(self.path, fname), allow_pickle=False)
+            except (OSError, ValueError, zipfile.BadZipFile) as err:
+                raise CheckpointError(f"checkpoint file {fname} cannot be read: {err}") from None
+        f = self.files[fname]
+        if key not in f.files:
+            raise CheckpointError(f"checkpoint file {fname} has no array {key!r}")
+        return f[key]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files.values():
+            f.close()
+
+
+def assemble(path, manifest, kind, name, reader=None):
     """The full serial array `kind/name` from all saved slices, or None if not saved. Every
     slice's shape is checked against its manifest entry, the slices must cover the whole
     array, and every value must be finite."""
     parts = [e for e in manifest["slices"] if e["kind"] == kind and e["name"] == name]
     if not parts:
         return None
+    if reader is None:
+        with Reader(path) as reader:
+            return assemble(path, manifest, kind, name, reader)
     full = covered = None
     for e in parts:
-        with np.load(os.path.join(path, e["file"]), allow_pickle=False) as f:
-            if e["key"] not in f.files:
-                raise CheckpointError(f"checkpoint file {e['file']} has no array {e['key']!r}")
-            piece = f[e["key"]]
+        piece = reader.get(e["file"], e["key"])
         shape, axis = list(e["full_shape"]), e["axis"]
         if axis is not None:
             shape[axis] = e["stop"] - e["start"]
@@ -268,19 +294,26 @@ def load(path, engine):
     Reads files only: no communication, so the caller agrees on the verdict."""
     manifest = read_manifest(path, engine.cfg)
     state = {}
-    for p in engine.params:
-        state[p.name] = {}
-        for kind in KINDS:
-            full = assemble(path, manifest, kind, p.name)
-            if full is None:
-                if kind == "param":
-                    raise CheckpointError(f"checkpoint {path} has no parameter {p.name!r}")
-                continue
-            if full.shape != tuple(p.spec.full_shape):
-                raise CheckpointError(f"checkpoint {path} has {kind} {p.name!r} of shape {full.shape}, "
-                                      f"this model's is {tuple(p.spec.full_shape)}")
-            state[p.name][kind] = p.spec.take(full)
-        if "master" in state[p.name] and not engine.precision.has_master:
-            state[p.name]["param"] = state[p.name]["master"]    # e.g. mixed -> fp64: the fp32 values
+    with Reader(path) as reader:
+        for p in engine.params:
+            state[p.name] = _local_state(path, manifest, reader, p, engine.precision)
     engine.load_state(state, manifest["optimizer_t"], manifest["loss_scale"], manifest["clean_steps"])
     return manifest["step"]
+
+
+def _local_state(path, manifest, reader, p, precision):
+    """{kind: this rank's slice} of parameter p, as saved."""
+    state = {}
+    for kind in KINDS:
+        full = assemble(path, manifest, kind, p.name, reader)
+        if full is None:
+            if kind == "param":
+                raise CheckpointError(f"checkpoint {path} has no parameter {p.name!r}")
+            continue
+        if full.shape != tuple(p.spec.full_shape):
+            raise CheckpointError(f"checkpoint {path} has {kind} {p.name!r} of shape {full.shape}, "
+                                  f"this model's is {tuple(p.spec.full_shape)}")
+        state[kind] = p.spec.take(full)
+    if "master" in state and not precision.has_master:
+        state["param"] = state["master"]             # e.g. mixed -> fp64: the fp32 values
+    return state
