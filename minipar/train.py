@@ -44,6 +44,9 @@ def build_parser():
     g.add_argument("--dp", type=int, help="data-parallel degree")
     g.add_argument("--pp", type=int, help="pipeline stages")
     g.add_argument("--tp", type=int, help="tensor-parallel degree")
+    g.add_argument("--cp", type=int, help="context-parallel degree: ranks sharing each sequence (default 1)")
+    g.add_argument("--cp-algo", choices=("ring", "ulysses"), default="ring",
+                   help="context parallelism: ring attention (K/V around a ring) or Ulysses (all-to-all)")
     g.add_argument("--sequence-parallel", action="store_true", help="shard layer norms/dropout along the sequence")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
                    help="ZeRO stage over the dp group (default: 1 for the automatic layout, else 0)")
@@ -92,13 +95,14 @@ def build_parser():
 
 def configure(args, world_size):
     """Turn flags into (GPTConfig, Layout, OptimConfig, task); raise UsageError on bad input."""
-    auto = args.dp is None and args.pp is None and args.tp is None
+    auto = args.dp is None and args.pp is None and args.tp is None and args.cp is None
+    cp = args.cp or 1
     if auto:
         dp, pp, tp = default_layout(world_size)
     else:
         dp, pp, tp = args.dp or 1, args.pp or 1, args.tp or 1
         if args.dp is None:
-            dp = max(world_size // (pp * tp), 1)
+            dp = max(world_size // (pp * tp * cp), 1)
     zero = args.zero if args.zero is not None else (1 if auto and dp > 1 else 0)
     n_layer, n_head, d_model = PRESETS[args.preset]
     n_layer = args.n_layer or n_layer
@@ -127,7 +131,7 @@ def configure(args, world_size):
         cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
                         n_head=args.n_head or n_head, d_model=args.d_model or d_model,
                         tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
-        layout = Layout(dp=dp, pp=pp, tp=tp, sequence_parallel=args.sequence_parallel, zero=zero,
+        layout = Layout(dp=dp, pp=pp, tp=tp, cp=cp, cp_algo=args.cp_algo, sequence_parallel=args.sequence_parallel, zero=zero,
                         offload=args.offload, schedule=args.schedule, micro_batches=micro,
                         virtual_stages=args.virtual_stages, bucket_bytes=int(args.bucket_mb * 2 ** 20),
                         overlap=not args.no_overlap)
@@ -142,8 +146,14 @@ def configure(args, world_size):
 def validate(cfg, layout, batch, world_size):
     """Every layout rule, checked identically on every rank before any collective."""
     if layout.world_size != world_size:
-        raise ValueError(f"dp*pp*tp = {layout.dp}*{layout.pp}*{layout.tp} = {layout.world_size} "
+        raise ValueError(f"dp*pp*cp*tp = {layout.dp}*{layout.pp}*{layout.cp}*{layout.tp} = {layout.world_size} "
                          f"does not match the {world_size} ranks")
+    if layout.cp < 1:
+        raise ValueError(f"--cp {layout.cp} must be >= 1")
+    if layout.cp > 1:   # context parallelism: the zigzag split's 2*cp chunks, Ulysses' heads, SP's cut
+        from minipar.parallel.context.model import check_context_parallel
+        check_context_parallel(cfg, layout.cp, layout.cp_algo, layout.cp_split, layout.tp,
+                               layout.sequence_parallel)
     if cfg.n_head % layout.tp:
         raise ValueError(f"n_head={cfg.n_head} is not divisible by tp={layout.tp}")
     if cfg.vocab_size % layout.tp:
@@ -177,7 +187,7 @@ def main(argv=None):
         return 2
     world = world.using(algorithm=args.collectives)
     from minipar import report
-    grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp) if world.size > 1 else None
+    grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp, layout.cp) if world.size > 1 else None
     tracer = report.make_tracer(grid.pp_rank) if layout.pp > 1 else None
     engine = Engine(cfg, layout, optim, args.seed, grid, tracer, device=args.device)
     serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed, device=args.device) if args.check else None
