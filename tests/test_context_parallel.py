@@ -291,3 +291,25 @@ def test_attention_inputs_saved_per_rank_are_serial_over_cp(world, grid_of):
     agree(grid.world, 3 * B * T * C * 8 // cp * cp == serial_qkv and
           ring - (B * T * C + B * H * T) * 8 // cp == serial_qkv // cp,
           f"attention inputs: ring keeps {ring} bytes, serial q,k,v {serial_qkv}")
+
+
+# ----------------------------------------------------------------------------- MPI: the grid
+@pytest.mark.mpi
+@pytest.mark.parametrize("dims", [(2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 2, 1), (1, 1, 8, 1), (4, 1, 2, 1)])
+def test_cp_groups_hold_the_right_ranks(world, dims):
+    """rank = ((d*pp + p)*cp + c)*tp + t: tp fastest, then cp, pp, dp; dp_cp = same (p, t)."""
+    if world.size != 8:
+        pytest.skip("written for 8 ranks")
+    from minipar.dist.grid import grid_rank
+    dp, pp, cp, tp = dims
+    grid = ProcessGrid(world, dp, pp, tp, cp)
+    d, p, c, t = grid.dp_rank, grid.pp_rank, grid.cp_rank, grid.tp_rank
+    at = lambda d_, p_, c_, t_: grid_rank(d_, p_, t_, pp, tp, c_, cp)   # noqa: E731
+    want = {"tp": [at(d, p, c, i) for i in range(tp)], "cp": [at(d, p, i, t) for i in range(cp)],
+            "pp": [at(d, i, c, t) for i in range(pp)], "dp": [at(i, p, c, t) for i in range(dp)],
+            "dp_cp": [at(i, p, j, t) for i in range(dp) for j in range(cp)],
+            "mp": [at(d, i, c, j) for i in range(pp) for j in range(tp)]}
+    groups = {"tp": grid.tp_group, "cp": grid.cp_group, "pp": grid.pp_group, "dp": grid.dp_group,
+              "dp_cp": grid.dp_cp_group, "mp": grid.mp_group}
+    bad = [f"{k}: {list(g.ranks)} != {want[k]}" for k, g in groups.items() if list(g.ranks) != want[k]]
+    agree(world, at(d, p, c, t) == world.rank and not bad, f"{dims}: {bad}")
