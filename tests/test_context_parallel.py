@@ -77,6 +77,23 @@ def test_cp_rules_name_the_constraint():
         check_context_parallel(config(), 2, "stripes")
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--cp", "8", "--n-digits", "4"], "seq_len=8 is not divisible by 16"),       # zigzag: 2*cp chunks
+    (["--cp", "2", "--cp-algo", "ulysses", "--tp", "4", "--n-head", "4"], "tp*cp"),
+    (["--cp", "3"], "does not match the 8 ranks"),
+])
+def test_train_refuses_bad_cp_flags_in_one_line(flags, words):
+    from minipar import train
+    with pytest.raises(train.UsageError, match=words.replace("*", r"\*")):
+        train.configure(train.build_parser().parse_args(flags), 8)
+
+
+def test_train_builds_the_cp_layout():
+    from minipar import train
+    _, layout, _, _ = train.configure(train.build_parser().parse_args(["--cp", "2", "--cp-algo", "ulysses"]), 8)
+    assert (layout.dp, layout.cp, layout.cp_algo, layout.world_size) == (4, 2, "ulysses", 8)
+
+
 # ----------------------------------------------------------------------------- serial: the math
 def _qkv(rng, B=2, H=3, T=8, D=4):
     return [rng.standard_normal((B, H, T, D)) for _ in range(3)]
