@@ -330,3 +330,21 @@ def test_cp_groups_hold_the_right_ranks(world, dims):
               "dp_cp": grid.dp_cp_group, "mp": grid.mp_group}
     bad = [f"{k}: {list(g.ranks)} != {want[k]}" for k, g in groups.items() if list(g.ranks) != want[k]]
     agree(world, at(d, p, c, t) == world.rank and not bad, f"{dims}: {bad}")
+
+
+@pytest.mark.mpi
+def test_whole_step_activation_peak_is_serial_over_cp(world, grid_of):
+    """From the memory ledger, one step (no dropout): every saved activation of a cp rank
+    covers its T/cp tokens, so the peak is the serial peak / cp, except that attention keeps
+    o and the log-sum-exp (b·s·h + b·a·s per layer, / cp) instead of the a·s²·b softmax, plus
+    the 8-byte scalar loss that the cp loss weight's multiply saves."""
+    cp = 4 if world.size >= 4 else 2
+    grid, cfg, B = grid_of(1, 1, cp, 1), config(), 2
+    T, C, H, L = cfg.seq_len, cfg.d_model, cfg.n_head, cfg.n_layer
+    serial = Engine(cfg, Layout(), OPTIM, seed=SEED)
+    local = Engine(cfg, Layout(cp=cp), OPTIM, seed=SEED, grid=grid)
+    serial.train_step(0, TASK, B)
+    local.train_step(0, TASK, B)
+    got, base = local.ledger.peak("activation"), serial.ledger.peak("activation")
+    want = (base - L * B * H * T * T * 8 + L * (B * T * C + B * H * T) * 8) // cp + 8
+    agree(grid.world, got == want, f"cp={cp}: activation peak {got} bytes per rank, want {want} (serial {base})")

@@ -22,6 +22,8 @@ projection are token-wise, only the core in between is ring attention or Ulysses
 
     x (B, T/cp, C) -> c_attn -> qkv (B, T/cp, 3C/tp) -> ring | Ulysses -> (B, T/cp, C/tp) -> c_proj
 """
+import numpy as np
+
 from minipar import nn, ops
 from minipar.backend import array_module, to_device
 from minipar.parallel.context.ring_attention import AttentionWork, ring_attention
@@ -117,10 +119,10 @@ def check_context_parallel(cfg, cp, algorithm="ring", split="zigzag", tp=1, sequ
 
 
 def shard_context_parallel(model, group, algorithm="ring", split="zigzag", xp=None, count=None):
-    """Narrow `model` (serial or tensor-parallel GPT) in place to cp rank group.rank's tokens."""
-    import numpy
+    """Narrow `model` (serial or tensor-parallel GPT) in place to cp rank group.rank's tokens;
+    xp: the device module the engine will move the parameters to (positions go there too)."""
     shard = ContextShard(ContextSplit(model.cfg.seq_len, group.size, group.rank, split), group,
-                         xp or numpy, count)
+                         xp or np, count)
     model.seq_chunk = shard
     for block in model.blocks:
         block.attn = ContextParallelAttention(block.attn, shard, algorithm)
