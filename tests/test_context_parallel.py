@@ -186,6 +186,10 @@ MATRIX = [
     ("cp2-dp4-zero3", (4, 1, 2, 1), dict(zero=3), {}),
     ("cp8", (1, 1, 8, 1), {}, dict(dropout=0.1)),
     ("cp2-dp4-ulysses", (4, 1, 2, 1), dict(cp_algo="ulysses"), {}),
+    ("cp2-pp2-tp2-sp-interleaved", (1, 2, 2, 2), dict(sequence_parallel=True, schedule="interleaved",
+                                                       virtual_stages=2, micro_batches=2),
+     dict(n_layer=4, dropout=0.1)),
+    ("cp4-pp2-zb-h1-zero1", (1, 2, 4, 1), dict(schedule="zb-h1", micro_batches=2, zero=1), dict(dropout=0.1)),
 ]
 
 
