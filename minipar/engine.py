@@ -35,7 +35,7 @@ class Layout:
     cp_algo: str = "ring"          # context parallelism: ring (attention) | ulysses (all-to-all)
     cp_split: str = "zigzag"       # which chunks a cp rank holds: zigzag (balanced) | contiguous
     sequence_parallel: bool = False
-    zero: int = 0                  # ZeRO stage over the dp group: 0 (plain DDP), 1, 2, 3
+    zero: int = 0                  # ZeRO stage over the dp (x cp) group: 0 (plain DDP), 1, 2, 3
     offload: bool = False          # ZeRO-Offload: optimizer state and step on the host
     schedule: str = "1f1b"         # pipeline schedule: gpipe | 1f1b | interleaved | zb-h1
     micro_batches: int = 1         # per data-parallel rank per step (gradient accumulation)
@@ -96,6 +96,7 @@ class Engine:
 
     Strategy plug-in points (each strategy file provides one function/class):
       tp > 1         model = shard_tensor_parallel(model, grid.tp_group, sequence_parallel)
+      cp > 1         model = shard_context_parallel(model, grid.cp_group, cp_algo, cp_split, ...)
       pp > 1         self.pipeline = Pipeline(model, grid, layout, ...) runs forward/backward
       zero or offload  self.optimizer = ZeroOptimizer(...) is both grad sync and optimizer
       else dp > 1    self.sync = DataParallel(...) + a plain optimizer
