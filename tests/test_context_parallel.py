@@ -229,7 +229,7 @@ def layouts(draw, world_size):
 
 
 @pytest.mark.mpi
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(data=st.data())
 def test_any_cp_layout_equals_serial(world, grid_of, data):
     dims, lay, cfg_kw, batch = data.draw(layouts(world.size))
