@@ -30,14 +30,15 @@ RUNS = [("DP",      dict(dp=8),                                                 
         ("ZeRO-1",  dict(dp=8, zero=1),                                           "Medium", "Medium", "Low"),
         ("ZeRO-2",  dict(dp=8, zero=2),                                           "Medium", "Medium", "Medium"),
         ("ZeRO-3",  dict(dp=8, zero=3),                                           "High",  "High",   "Medium"),
-        ("Offload", dict(dp=8, zero=2, offload=True),                             "High",  "Medium", "Medium")]
+        ("Offload", dict(dp=8, zero=2, offload=True),                             "High",  "Medium", "Medium"),
+        ("CP",      dict(dp=2, cp=4),                                             "Medium", "Medium", "High")]
 
 
 def scaled(layout, world_size):
     """The 8-rank layout shrunk to `world_size` ranks (largest axis first)."""
     lay = dict(layout)
-    while lay.get("dp", 1) * lay.get("pp", 1) * lay.get("tp", 1) > world_size:
-        axis = max(("dp", "pp", "tp"), key=lambda a: lay.get(a, 1))
+    while lay.get("dp", 1) * lay.get("pp", 1) * lay.get("tp", 1) * lay.get("cp", 1) > world_size:
+        axis = max(("dp", "pp", "tp", "cp"), key=lambda a: lay.get(a, 1))
         lay[axis] = lay.get(axis, 1) // 2
     return lay
 
@@ -46,7 +47,7 @@ def measure(name, layout, cfg, world, steps, batch, task):
     ledger = CommLedger()
     group = world.using(ledger=ledger)
     lay = Layout(micro_batches=2 * layout.get("pp", 1), **layout)
-    grid = ProcessGrid(group, lay.dp, lay.pp, lay.tp)
+    grid = ProcessGrid(group, lay.dp, lay.pp, lay.tp, lay.cp)
     engine = Engine(cfg, lay, OptimConfig(lr=1e-3), seed=0, grid=grid)
     times = []
     for step in range(steps):
@@ -75,7 +76,7 @@ def table(results, words):
     lines = [head, "-" * len(head)]
     for r in results:
         lay = r["layout"]
-        shape = f"d{lay.dp} p{lay.pp} t{lay.tp}" + (f" z{lay.zero}" if lay.zero else "")
+        shape = f"d{lay.dp} p{lay.pp} t{lay.tp}" + (f" c{lay.cp}" if lay.cp > 1 else "") + (f" z{lay.zero}" if lay.zero else "")
         bubble = "-" if r["bubble"] is None else f"{r['bubble']:.3f}"
         mem, comm, cx = words[r["name"]]
         lines.append(f"{r['name']:<8} {shape:<14} {r['model_state'] / 2**20:10.3f}Mi {r['host'] / 2**20:7.3f}Mi "
@@ -99,7 +100,7 @@ def main(argv=None):
     results = []
     for name, layout, *_ in RUNS:
         lay = scaled(layout, world.size)
-        lay["dp"] = world.size // (lay.get("pp", 1) * lay.get("tp", 1))
+        lay["dp"] = world.size // (lay.get("pp", 1) * lay.get("tp", 1) * lay.get("cp", 1))
         results.append(measure(name, lay, cfg, world, args.steps, args.batch_size, task))
     if world.rank == 0:
         print(f"GPT {cfg.n_layer}x{cfg.d_model}, {args.precision}, global batch {args.batch_size}, "

@@ -2,13 +2,16 @@
 
     full GPT (from the seed, identical on every rank)
       -> tensor-parallel shard (tp > 1)          parallel/tensor_parallel.py
+      -> this rank's sequence chunks (cp > 1)     parallel/context/model.py
       -> this rank's pipeline stage (pp > 1)      parallel/pipeline.py
-      -> gradient sync over dp: DDP buckets or ZeRO shards
+      -> gradient sync over dp x cp: DDP buckets or ZeRO shards
       -> optimizer (AdamW / SGD; master weights + loss scaling under `mixed`)
 
 With every degree 1 the engine *is* the serial run, the oracle all parity
 checks compare against. The global batch is fixed: data-parallel rank d takes
 samples [d*B/dp, (d+1)*B/dp), which are then cut into equal micro-batches.
+The cp ranks of one dp rank take the same samples and each its chunks of their
+tokens; gradients are averaged over dp x cp (grid.dp_cp_group).
 """
 from dataclasses import dataclass
 
@@ -19,7 +22,7 @@ from minipar.backend import array_module, device_module, to_device, to_host
 from minipar.contracts import LocalGrads
 from minipar.dist.ledger import CommLedger
 from minipar.memory import MemoryLedger
-from minipar.nn import GPT, DropoutKey
+from minipar.nn import GPT
 from minipar.optim import SGD, AdamW, LossScaler, prepare_step
 
 
@@ -28,8 +31,11 @@ class Layout:
     dp: int = 1                    # data-parallel degree
     pp: int = 1                    # pipeline stages
     tp: int = 1                    # tensor-parallel degree
+    cp: int = 1                    # context-parallel degree: ranks sharing each sequence
+    cp_algo: str = "ring"          # context parallelism: ring (attention) | ulysses (all-to-all)
+    cp_split: str = "zigzag"       # which chunks a cp rank holds: zigzag (balanced) | contiguous
     sequence_parallel: bool = False
-    zero: int = 0                  # ZeRO stage over the dp group: 0 (plain DDP), 1, 2, 3
+    zero: int = 0                  # ZeRO stage over the dp (x cp) group: 0 (plain DDP), 1, 2, 3
     offload: bool = False          # ZeRO-Offload: optimizer state and step on the host
     schedule: str = "1f1b"         # pipeline schedule: gpipe | 1f1b | interleaved | zb-h1
     micro_batches: int = 1         # per data-parallel rank per step (gradient accumulation)
@@ -39,7 +45,7 @@ class Layout:
 
     @property
     def world_size(self):
-        return self.dp * self.pp * self.tp
+        return self.dp * self.pp * self.cp * self.tp
 
 
 @dataclass
@@ -90,6 +96,7 @@ class Engine:
 
     Strategy plug-in points (each strategy file provides one function/class):
       tp > 1         model = shard_tensor_parallel(model, grid.tp_group, sequence_parallel)
+      cp > 1         model = shard_context_parallel(model, grid.cp_group, cp_algo, cp_split, ...)
       pp > 1         self.pipeline = Pipeline(model, grid, layout, ...) runs forward/backward
       zero or offload  self.optimizer = self.sync = ZeroOptimizer(...), both contracts
       else           self.sync = DataParallel(...) (dp > 1) or LocalGrads, and a plain optimizer
@@ -114,7 +121,7 @@ class Engine:
         self.n_params = self.model.num_params()  # Phi
         self.precision = self.model.precision
         self.scaler = LossScaler(self.optim_cfg.init_loss_scale) if self.precision.needs_loss_scaling else None
-        self.dp_group = grid.dp_group if grid is not None else None
+        self.dp_group = self.data_parallel_group()   # dp x cp: the ranks that average gradients
         self.dp_rank = grid.dp_rank if grid is not None else 0
         # the logged loss is averaged over dp on a side ledger, so the run's ledger holds training traffic only
         self.metrics_group = None
@@ -123,6 +130,11 @@ class Engine:
         if lay.tp > 1:
             from minipar.parallel.tensor_parallel import shard_tensor_parallel
             self.model = shard_tensor_parallel(self.model, grid.tp_group, lay.sequence_parallel)
+        if lay.cp > 1:
+            from minipar.parallel.context.model import check_context_parallel, shard_context_parallel
+            check_context_parallel(cfg, lay.cp, lay.cp_algo, lay.cp_split, lay.tp, lay.sequence_parallel)
+            self.model = shard_context_parallel(self.model, grid.cp_group, lay.cp_algo, lay.cp_split,
+                                                self.xp, self.ledger.transfers)
         self.pipeline = None
         if lay.pp > 1:
             from minipar.parallel.pipeline import Pipeline
@@ -134,7 +146,7 @@ class Engine:
             p.data = to_device(p.data, self.xp, self.ledger.transfers)
         if lay.zero or lay.offload:
             from minipar.parallel.zero import ZeroOptimizer
-            self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp_group if grid else None, lay,
+            self.optimizer = self.sync = ZeroOptimizer(self.params, self.dp_group, lay,
                                                        self.optim_cfg, self.precision, self.ledger, self.model)
         else:
             if self.dp_group is not None and self.dp_group.size > 1:
@@ -144,6 +156,11 @@ class Engine:
                 self.sync = LocalGrads(self.params)
             self.optimizer = make_optimizer(self.params, self.optim_cfg, self.precision)
             self._register_model_state()
+
+    def data_parallel_group(self):
+        """The ranks whose gradients are averaged (and ZeRO's shard group): dp x cp, since cp
+        ranks hold other tokens of the same samples (Megatron folds cp into data parallelism)."""
+        return self.grid.dp_cp_group if self.grid is not None else None
 
     def _register_model_state(self):
         """Tell the memory ledger about parameters, gradients and optimizer state."""
@@ -183,7 +200,7 @@ class Engine:
         for i, idx in enumerate(micro):
             self.sync.set_last_micro_batch(i == len(micro) - 1)   # communicate on the last one only
             x, y = task.batch(step, idx)
-            loss = self.model.loss(x, y, DropoutKey(self.seed, step, idx))
+            loss = self.model.loss(x, y, self.model.dropout_key(self.seed, step, idx))
             # d(S * loss / M): the 1/M makes the accumulated gradient the mean over micro-batches
             loss.backward(array_module(loss.data).asarray(self.loss_scale() / len(micro), dtype=loss.data.dtype))
             total += loss.item() / len(micro)
@@ -224,7 +241,7 @@ class Engine:
             value = self.pipeline.broadcast_loss(value)
         if self.dp_group.size == 1:
             return value
-        # all-reduce (avg) of one float over the dp ranks (metrics ledger): the logged loss
+        # all-reduce (avg) of one float over the dp x cp ranks (metrics ledger): the logged loss
         return float(self.metrics_group.all_reduce(np.array([value]), op="avg")[0])
 
     # ---- evaluation -----------------------------------------------------------------------

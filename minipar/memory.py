@@ -311,3 +311,39 @@ def gb(nbytes):
     """Bytes in GB, 1 GB = 1e9 bytes (the ZeRO paper's unit)."""
     return nbytes / 1e9
 
+
+
+# ----------------------------------------------------------------------------- context parallelism
+
+def cp_ring_comm_elements(b, s, h, cp, tp=1, n_layers=1):
+    """(forward, backward) elements each rank sends per micro-batch for ring attention
+    (parallel/context/ring_attention.py). A K/V block is 2·b·(s/cp)·(h/tp) elements; per
+    layer the forward passes it on cp-1 times, the backward passes K/V on cp-1 times and
+    the dK/dV accumulators cp times (cp-1 around the ring, one hop home):
+        forward   (cp-1)  · 2bsh/(cp·tp)
+        backward  (2cp-1) · 2bsh/(cp·tp)"""
+    block = 2 * b * s * h // (cp * tp)
+    return (cp - 1) * block * n_layers, (2 * cp - 1) * block * n_layers
+
+
+def cp_ulysses_comm_elements(b, s, h, cp, tp=1, n_layers=1):
+    """(forward, backward) elements each rank sends per micro-batch for Ulysses
+    (parallel/context/ulysses.py): per layer an all-to-all of the local qkv (3bsh/(cp·tp))
+    and one of the attention output (bsh/(cp·tp)), each sending (cp-1)/cp of its buffer;
+    backward runs the same two in reverse:  4·bsh/(cp·tp)·(cp-1)/cp each way."""
+    each = 4 * b * s * h * (cp - 1) / (cp * cp * tp) * n_layers
+    return each, each
+
+
+def cp_attention_saved_elements(b, s, h, a, cp, tp=1):
+    """Elements ring attention saves for backward per layer and rank (no dropout): the
+    attention input qkv 3bsh/(cp·tp), exactly 1/cp of the serial core's q, k, v, plus o
+    (bsh/(cp·tp)) and the log-sum-exp (b·a·s/(cp·tp)), instead of the serial core's
+    a·s²·b/tp softmax matrix."""
+    return (3 * b * s * h + b * s * h + b * a * s) // (cp * tp)
+
+
+def attention_pair_flops(b, heads, q_len, k_len, head_dim, backward=False):
+    """Matmul FLOPs of one attention block pair: forward q k^T and p v (4·Lq·Lk·D per head),
+    backward S again, dP, dV, dQ, dK (10·Lq·Lk·D)."""
+    return (10 if backward else 4) * b * heads * q_len * k_len * head_dim

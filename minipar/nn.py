@@ -236,7 +236,7 @@ class Block(Module):
         return x + self.drop(self.mlp(self.ln_2(x)), key, 3 * self.index + 2)
 
     def drop(self, x, key, site):
-        """Residual dropout; under sequence parallelism `key.index` cuts each row's T axis."""
+        """Residual dropout; under sequence / context parallelism `key.seq` cuts each row's T axis."""
         if self.p == 0.0 or not self.training:
             return x
         if key.seq is None:
@@ -251,12 +251,13 @@ class DropoutKey:
 
     A mask row depends only on the sample's global index, so any DP/PP slice of
     the batch draws exactly the rows the serial run drew. Each rank draws the
-    *full* row and keeps its part, so an assembled TP/SP mask is the serial mask:
-    `seq` is this rank's slice of T under sequence parallelism (None = all of T)."""
+    *full* row and keeps its part, so an assembled TP/SP/CP mask is the serial mask:
+    `seq` is this rank's positions of T under sequence and/or context parallelism
+    (a slice, or an index array for context parallelism's chunks; None = all of T)."""
     seed: int
     step: int
     samples: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    seq: slice = None            # this rank's slice of T under sequence parallelism (None = all)
+    seq: object = None           # this rank's positions of T: slice or index array (None = all)
 
     def keep(self, site, row, p):
         """Boolean keep-mask (B, *row): one full serial row per sample, P(keep) = 1 - p."""
@@ -277,17 +278,32 @@ class GPT(Module):
         self.blocks = [Block(cfg, rng, dtype, i) for i in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.d_model, dtype)
         self.lm_head = None if cfg.tied_embeddings else Linear(cfg.d_model, cfg.vocab_size, rng, dtype, bias=False)
+        self.seq_chunk = None    # context parallelism: this rank's chunk(s) of T (a ContextShard); None = all
         for name, p in self.named_parameters():
             p.name, p.spec = name, ShardSpec(name, p.data.shape)
 
+    def local_tokens(self, idx):
+        """(ids, positions) of the tokens this model runs: all of idx (B, T) and 0..T-1, or under
+        context parallelism this rank's columns (B, T/cp) and their serial positions."""
+        if self.seq_chunk is None:
+            return idx, array_module(self.wpe.weight.data).arange(idx.shape[1])
+        return self.seq_chunk.take(idx), self.seq_chunk.device_positions
+
+    def dropout_key(self, seed, step, samples):
+        """The DropoutKey of these samples; under context parallelism it cuts rows at this rank's positions."""
+        return DropoutKey(seed, step, samples, seq=None if self.seq_chunk is None else self.seq_chunk.positions)
+
     # The three pieces a pipeline stage is made of: embed (first stage), blocks, head (last stage).
     def embed(self, idx, key=None):
-        T = idx.shape[1]
+        idx, positions = self.local_tokens(idx)                          # (B, T[/cp]), (T[/cp],)
         compute = self.precision.compute_dtype
-        positions = array_module(self.wpe.weight.data).arange(T)
         x = self.wte(idx, compute) + self.wpe(positions, compute)       # (B, T, C) + (T, C)
         if self.cfg.dropout and self.training:
-            x = ops.dropout(x, key.keep(0, x.shape[1:], self.cfg.dropout), self.cfg.dropout)
+            if key.seq is None:
+                keep = key.keep(0, x.shape[1:], self.cfg.dropout)
+            else:                                                        # the serial rows, cut at my positions
+                keep = key.keep(0, (self.cfg.seq_len,) + x.shape[2:], self.cfg.dropout)[:, key.seq]
+            x = ops.dropout(x, keep, self.cfg.dropout)
         return x
 
     def head(self, x):
@@ -305,11 +321,22 @@ class GPT(Module):
         return self.head(x)
 
     def criterion(self, logits, targets):
-        """Mean cross-entropy over the targets that are not ignored (-1)."""
+        """Mean cross-entropy over the targets that are not ignored (-1); targets (B, T)."""
+        if self.seq_chunk is None:
+            return self.token_loss(logits, targets)
+        return self.seq_chunk.loss(self.token_loss, logits, targets)   # logits hold T/cp tokens
+
+    def token_loss(self, logits, targets):
+        """Mean cross-entropy over the scored targets of these logits (TP: vocab-parallel)."""
         return ops.cross_entropy(logits, targets)
 
     def predict(self, logits):
-        """Greedy next-token ids (B, T) from logits (TP overrides: vocab is sharded)."""
+        """Greedy next-token ids (B, T) from logits (under cp gathered from every cp rank)."""
+        ids = self.token_argmax(logits)
+        return ids if self.seq_chunk is None else self.seq_chunk.gather(ids)
+
+    def token_argmax(self, logits):
+        """Greedy ids of these logits' tokens (TP overrides: vocab is sharded)."""
         return logits.data.argmax(axis=-1)
 
     def loss(self, idx, targets, key=None):

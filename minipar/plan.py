@@ -25,7 +25,8 @@ from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
 from minipar.memory import (activation_bytes_formula, bytes_per_param, comm_elements_per_step,
                             gb, model_state_breakdown, model_state_bytes_formula,
-                            pp_comm_elements, tp_comm_elements)
+                            pp_comm_elements, tp_comm_elements, cp_ring_comm_elements,
+                            cp_ulysses_comm_elements)
 
 STAGES = (("DP (no ZeRO)", 0), ("ZeRO-1  P_os", 1), ("ZeRO-2  P_os+g", 2), ("ZeRO-3  P_os+g+p", 3))
 ACTIVATION_BYTES = {"mixed": 2, "fp32": 4, "fp64": 8}   # fp16 activations under mixed, as Megatron
@@ -176,9 +177,13 @@ def print_activations(args, dp):
     rows = (("no TP", "sbh(34 + 5as/h)", 1, False),
             (f"TP t={t}", "sbh(10 + 24/t + 5as/(ht))", t, False),
             (f"TP+SP t={t}", "sbh/t(34 + 5as/h)", t, True))
+    cp = args.cp
+    if cp > 1:   # every activation of a cp rank covers its s/cp tokens (attention: its s/cp query rows)
+        rows += ((f"TP+SP+CP c={cp}", "sbh/(tc)(34 + 5as/h)", t, True),)
     print(f"  {'':<16}{'per layer':<28}{'GB/layer':>10}{'GB/GPU':>10}")
     for label, text, tp, sp in rows:
         layer = activation_bytes_formula(s, b, h, a, t=tp, sequence_parallel=sp, bytes_per=bytes_per)
+        layer = layer / cp if "CP" in label else layer
         print(f"  {label:<16}{text:<28}{_fmt(gb(layer)):>10}{_fmt(gb(layer * layers * in_flight)):>10}")
 
 
@@ -195,6 +200,12 @@ def print_communication(args, phi, dp):
              tp_comm_elements(b, s, h, args.tp, args.layers // args.pp, True) * m, act_bytes),
             (f"PP p={args.pp}", "bsh x m, each direction",
              pp_comm_elements(b, s, h, m) if args.pp > 1 else 0, act_bytes))
+    if args.cp > 1:
+        c, layers = args.cp, args.layers // args.pp
+        rows += ((f"CP ring c={c}", "2bsh/(ct)(3c-2) x L/p x m",
+                  sum(cp_ring_comm_elements(b, s, h, c, args.tp, layers)) * m, act_bytes),
+                 (f"CP Ulysses c={c}", "8bsh(c-1)/(c²t) x L/p x m",
+                  sum(cp_ulysses_comm_elements(b, s, h, c, args.tp, layers)) * m, act_bytes))
     print(f"Communication per step, sent by one GPU (ring collectives; N = {dp}, m = {m} micro-batches)")
     print(f"  {'strategy':<22}{'elements':<24}{'count':>12}{'GB':>10}")
     for label, text, elements, size in rows:
@@ -241,6 +252,7 @@ def build_parser():
     p.add_argument("--biases", action="store_true", help="count biases and LayerNorms in Φ")
     p.add_argument("--tp", type=_positive(int), default=1, help="tensor-parallel degree t")
     p.add_argument("--pp", type=_positive(int), default=1, help="pipeline-parallel degree p")
+    p.add_argument("--cp", type=_positive(int), default=1, help="context-parallel degree c (N = gpus/(tp·pp·cp))")
     p.add_argument("--micro-batches", type=_positive(int), default=1, help="micro-batches m per step")
     return p
 
@@ -254,8 +266,8 @@ def main(argv=None):
                      + "; missing " + ", ".join(f"--{n}" for n in SHAPE if n not in given))
     if not args.table1 and args.gpus is None:
         parser.error("--gpus is required (or --table1)")
-    if args.gpus is not None and args.gpus % (args.tp * args.pp):
-        parser.error(f"--gpus {args.gpus} is not a multiple of tp·pp = {args.tp * args.pp}")
+    if args.gpus is not None and args.gpus % (args.tp * args.pp * args.cp):
+        parser.error(f"--gpus {args.gpus} is not a multiple of tp·pp·cp = {args.tp * args.pp * args.cp}")
     if given and (args.layers % args.pp or args.heads % args.tp):
         parser.error(f"need layers % pp == 0 and heads % tp == 0, got L={args.layers}, "
                      f"p={args.pp}, a={args.heads}, t={args.tp}")
@@ -271,7 +283,7 @@ def main(argv=None):
     if args.gpus is not None:
         if args.table1:
             print()
-        dp = args.gpus // (args.tp * args.pp)
+        dp = args.gpus // (args.tp * args.pp * args.cp)   # cp ranks sync gradients like dp ranks
         print_zero_table(phi, dp, args.precision, args.offload, model_parallel=args.tp * args.pp)
         if given:
             print()

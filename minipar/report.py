@@ -29,7 +29,8 @@ def header(cfg, layout, optim, task, grid, engine):
              f"vocab {cfg.vocab_size}, seq {cfg.seq_len}, {cfg.precision}, "
              f"{engine.n_params:,} parameters",
              f"task: {type(task).__name__}  optimizer: {optim.name} lr {optim.lr}",
-             f"layout: dp={layout.dp} pp={layout.pp} tp={layout.tp} zero={layout.zero}"
+             f"layout: dp={layout.dp} pp={layout.pp} tp={layout.tp}"
+             f"{f' cp={layout.cp} ({layout.cp_algo})' if layout.cp > 1 else ''} zero={layout.zero}"
              f"{' +offload' if layout.offload else ''}{' +sequence-parallel' if layout.sequence_parallel else ''}"
              f"  schedule={layout.schedule if layout.pp > 1 else '-'}"
              f"{f' v={layout.virtual_stages}' if layout.schedule == 'interleaved' else ''}"

@@ -25,6 +25,7 @@ from minipar.dist.comm import CommLedger, Group, exit_agreed
 from minipar.dist.grid import ProcessGrid, default_layout
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
+from minipar.parallel.context.model import check_context_parallel
 from minipar.parity import ParityError
 
 PRESETS = {   # name: (n_layer, n_head, d_model)
@@ -53,6 +54,9 @@ def build_parser():
     g.add_argument("--dp", type=int, help="data-parallel degree")
     g.add_argument("--pp", type=int, help="pipeline stages")
     g.add_argument("--tp", type=int, help="tensor-parallel degree")
+    g.add_argument("--cp", type=int, help="context-parallel degree: ranks sharing each sequence (default 1)")
+    g.add_argument("--cp-algo", choices=("ring", "ulysses"), default="ring",
+                   help="context parallelism: ring attention (K/V around a ring) or Ulysses (all-to-all)")
     g.add_argument("--sequence-parallel", action="store_true", help="shard layer norms/dropout along the sequence")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
                    help="ZeRO stage over the dp group (default: 1 for the automatic layout, else 0)")
@@ -104,7 +108,7 @@ def build_parser():
 # Everything is checked before the first step, by every rank alike and without any
 # communication, so every rank reaches the same verdict (main() then compares them once).
 # A flag's rule goes in one of these tables; a rule between flags goes in check_flags.
-AT_LEAST_1 = ("dp", "pp", "tp", "micro_batches", "virtual_stages", "n_layer", "n_head", "d_model",
+AT_LEAST_1 = ("dp", "pp", "tp", "cp", "micro_batches", "virtual_stages", "n_layer", "n_head", "d_model",
               "seq_len", "vocab", "n_digits", "steps", "batch_size", "log_every", "eval_samples")
 AT_LEAST_0 = ("seed", "save_every")                       # 0 is meaningful: seed 0, no periodic save
 POSITIVE_FLOAT = ("lr", "bucket_mb")
@@ -139,23 +143,29 @@ def check_flags(args):
 
 
 def choose_layout(args, world_size):
-    """(dp, pp, tp): the flags', with dp filling the world when it is not given."""
-    if args.dp is None and args.pp is None and args.tp is None:
-        return default_layout(world_size)
-    pp, tp = args.pp or 1, args.tp or 1          # None (not given) is 1; 0 was refused already
+    """(dp, pp, tp, cp): the flags', with dp filling the world when it is not given."""
+    if args.dp is None and args.pp is None and args.tp is None and args.cp is None:
+        return default_layout(world_size) + (1,)
+    pp, tp, cp = args.pp or 1, args.tp or 1, args.cp or 1    # None (not given) is 1; 0 was refused already
     if args.dp is not None:
-        return args.dp, pp, tp
-    if world_size % (pp * tp):
-        raise UsageError(f"--pp {pp} x --tp {tp} = {pp * tp} does not divide the {world_size} ranks")
-    return world_size // (pp * tp), pp, tp
+        return args.dp, pp, tp, cp
+    if world_size % (pp * tp * cp):
+        raise UsageError(f"--pp {pp} x --tp {tp} x --cp {cp} = {pp * tp * cp} does not divide "
+                         f"the {world_size} ranks")
+    return world_size // (pp * tp * cp), pp, tp, cp
 
 
 def check_layout(cfg, layout, batch, world_size):
     """Every layout rule, with the flags' names."""
     lay = layout
     if lay.world_size != world_size:
-        raise UsageError(f"--dp {lay.dp} x --pp {lay.pp} x --tp {lay.tp} = {lay.world_size} ranks, "
-                         f"but the job has {world_size} (mpirun -n {world_size})")
+        raise UsageError(f"--dp {lay.dp} x --pp {lay.pp} x --cp {lay.cp} x --tp {lay.tp} = {lay.world_size} "
+                         f"ranks, but the job has {world_size} (mpirun -n {world_size})")
+    if lay.cp > 1:   # context parallelism: the zigzag split's 2*cp chunks, Ulysses' heads, SP's cut
+        try:
+            check_context_parallel(cfg, lay.cp, lay.cp_algo, lay.cp_split, lay.tp, lay.sequence_parallel)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if cfg.n_head % lay.tp:
         raise UsageError(f"--n-head {cfg.n_head} is not divisible by --tp {lay.tp}")
     if cfg.vocab_size % lay.tp:
@@ -257,8 +267,8 @@ def configure(args, world_size):
         device_module(args.device)
     except RuntimeError as err:
         raise UsageError(str(err)) from None
-    dp, pp, tp = choose_layout(args, world_size)
-    auto = args.dp is None and args.pp is None and args.tp is None
+    dp, pp, tp, cp = choose_layout(args, world_size)
+    auto = args.dp is None and args.pp is None and args.tp is None and args.cp is None
     zero = args.zero if args.zero is not None else (1 if auto and dp > 1 else 0)
     n_layer, n_head, d_model = PRESETS[args.preset]
     n_layer = args.n_layer if args.n_layer is not None else n_layer
@@ -284,7 +294,7 @@ def configure(args, world_size):
     cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
                     n_head=n_head, d_model=d_model,
                     tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
-    layout = Layout(dp=dp, pp=pp, tp=tp, sequence_parallel=args.sequence_parallel, zero=zero,
+    layout = Layout(dp=dp, pp=pp, tp=tp, cp=cp, cp_algo=args.cp_algo, sequence_parallel=args.sequence_parallel, zero=zero,
                     offload=args.offload, schedule=args.schedule, micro_batches=micro,
                     virtual_stages=virtual, bucket_bytes=int(args.bucket_mb * 2 ** 20),
                     overlap=not args.no_overlap)
@@ -356,7 +366,7 @@ def main(argv=None, world=None):
     args, (cfg, layout, optim, task) = validated
     world = world.using(algorithm=args.collectives)
     from minipar import report
-    grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp) if world.size > 1 else None
+    grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp, layout.cp) if world.size > 1 else None
     tracer = report.make_tracer(grid.pp_rank) if layout.pp > 1 else None
     engine = Engine(cfg, layout, optim, args.seed, grid, tracer, device=args.device)
     serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed, device=args.device) if args.check else None

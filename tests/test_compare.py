@@ -17,7 +17,7 @@ def test_compare_table(world, tmp_path_factory):
     assert compare.main(["--steps", "1", "--batch-size", "16", "--report", str(path)]) == 0
     world.barrier()
     rows = {r["name"]: r for r in json.loads(path.read_text())["rows"]}
-    assert set(rows) == {"DP", "TP", "PP", "3D", "ZeRO-1", "ZeRO-2", "ZeRO-3", "Offload"}
+    assert set(rows) == {"DP", "TP", "PP", "3D", "ZeRO-1", "ZeRO-2", "ZeRO-3", "Offload", "CP"}
     # the ZeRO ladder: each stage holds less model state per rank; offload moves the rest to the host
     assert rows["DP"]["model_state"] > rows["ZeRO-1"]["model_state"] > rows["ZeRO-2"]["model_state"] \
         > rows["ZeRO-3"]["model_state"]

@@ -3,7 +3,7 @@
 A `Group` wraps one MPI communicator: the whole job (`Group.world()`) or a
 sub-group made by `split` (the tp, pp, dp groups of a ProcessGrid). Its
 methods take and return arrays and call mpi4py's uppercase buffer methods
-(Allreduce, Reduce_scatter_block, Allgather, Bcast, Send/Recv, Sendrecv).
+(Allreduce, Reduce_scatter_block, Allgather, Alltoall, Bcast, Send/Recv, Sendrecv).
 
 Each call is recorded in the group's `CommLedger` (dist/ledger.py): op, group,
 dtype, elements and the bytes this rank sends under a ring algorithm.
@@ -216,6 +216,19 @@ class Group:
         else:
             self.comm.Allgather(raw(mine), raw(out))
         self._record("all_gather", x, elements=out.size)
+        return self.wire.back(out, x)
+
+    def all_to_all(self, x):
+        """Personalised exchange (MPI Alltoall): x's first axis is cut into n equal blocks,
+        block j goes to rank j; the result has x's shape and its block j came from rank j.
+        Ledger: (n-1)/n * S, S = x.nbytes (the n-1 blocks that leave this rank)."""
+        if x.ndim == 0 or x.shape[0] % self.size:
+            raise ValueError(f"all_to_all over {self.name!r}: first axis of shape {x.shape} "
+                             f"is not divisible by the group size {self.size}")
+        mine = self.wire.out(x)
+        out = self.wire.empty(x, mine.shape, mine.dtype)
+        self.comm.Alltoall(raw(mine), raw(out))
+        self._record("all_to_all", x)
         return self.wire.back(out, x)
 
     def broadcast_(self, x, root=0):

@@ -1,12 +1,16 @@
-"""ProcessGrid: the dp x pp x tp layout of the ranks, and one Group per axis.
+"""ProcessGrid: the dp x pp x cp x tp layout of the ranks, and one Group per axis.
 
-Rank numbering, tp fastest, then pp, then dp (Megatron-LM's order: the ranks of
-a tensor-parallel group are neighbours, which on real clusters means the same
-node and its fast links, since TP talks most):
+Rank numbering, tp fastest, then cp, then pp, then dp (Megatron-LM's order puts
+cp between tp and dp): the ranks of a tensor-parallel group are neighbours, which
+on real clusters means the same node and its fast links, since TP talks most (an
+all-reduce of b*s*h per layer, twice); the cp ring comes next (a K/V block per
+ring step per layer, overlapped with attention compute) and takes the next-nearest
+ranks; pipeline neighbours exchange one activation per micro-batch, and dp talks
+once per step, so they can span nodes:
 
-    rank = (d * pp + p) * tp + t        d < dp, p < pp, t < tp
+    rank = ((d * pp + p) * cp + c) * tp + t        d < dp, p < pp, c < cp, t < tp
 
-Example dp=2, pp=2, tp=2 (8 ranks):
+With cp = 1 this is the seed's (d * pp + p) * tp + t. Example dp=2, pp=2, tp=2 (8 ranks):
 
              pipeline stage p=0      pipeline stage p=1
     d = 0    ranks 0 1  (t = 0 1)    ranks 2 3
@@ -19,31 +23,53 @@ Example dp=2, pp=2, tp=2 (8 ranks):
     embed groups:           first and last stage of each pp group, pp > 1 only:
                             {0,2} {1,3} {4,6} {5,7}    they sum the tied embedding's grads
 
+Example dp=2, cp=2, tp=2 (8 ranks): rank = (d*2 + c)*2 + t
+
+    tp groups (same d, c):  {0,1} {2,3} {4,5} {6,7}
+    cp groups (same d, t):  {0,2} {1,3} {4,6} {5,7}    the ring of one sequence's chunks
+    dp groups (same c, t):  {0,4} {1,5} {2,6} {3,7}
+    dp_cp groups (same t):  {0,2,4,6} {1,3,5,7}        gradient sync and ZeRO shards (dp x cp)
+
+Context parallelism splits the tokens of the same samples over cp: a replicated
+weight's gradient is a partial sum over the cp ranks' tokens as well as over the
+dp ranks' samples, so gradients are averaged over dp x cp (`dp_cp_group`, as
+Megatron folds cp into its data-parallel group); ZeRO shards over it too. With
+cp = 1, dp_cp_group IS dp_group (the same object), so nothing else changes.
+
 All sub-groups are made once, here, with Split, and passed explicitly to the
 code that needs them; there is no global grid.
 """
 from minipar.dist.comm import Group
 
 
-def validate_layout(size, dp, pp, tp):
-    """Raise ValueError (one line, the same on every rank) unless dp*pp*tp == size, all >= 1."""
-    for axis, value in (("dp", dp), ("pp", pp), ("tp", tp)):
+def validate_layout(size, dp, pp, tp, cp=1):
+    """Raise ValueError (one line, the same on every rank) unless dp*pp*cp*tp == size, all >= 1."""
+    for axis, value in (("dp", dp), ("pp", pp), ("tp", tp), ("cp", cp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"process grid: {axis}={value!r} must be an integer >= 1")
-    if dp * pp * tp != size:
-        raise ValueError(f"process grid: dp*pp*tp = {dp}*{pp}*{tp} = {dp * pp * tp} "
+    if dp * pp * cp * tp != size:
+        what = "dp*pp*tp" if cp == 1 else "dp*pp*cp*tp"
+        sizes = f"{dp}*{pp}*{tp}" if cp == 1 else f"{dp}*{pp}*{cp}*{tp}"
+        raise ValueError(f"process grid: {what} = {sizes} = {dp * pp * cp * tp} "
                          f"does not match the {size} ranks")
 
 
-def grid_rank(d, p, t, pp, tp):
-    """The rank at grid coordinates (d, p, t)."""
-    return (d * pp + p) * tp + t
+def grid_rank(d, p, t, pp, tp, c=0, cp=1):
+    """The rank at grid coordinates (d, p, c, t)."""
+    return ((d * pp + p) * cp + c) * tp + t
+
+
+def grid_coords_cp(rank, pp, cp, tp):
+    """(d, p, c, t) of a rank: the inverse of grid_rank."""
+    rest, t = divmod(rank, tp)
+    rest, c = divmod(rest, cp)
+    d, p = divmod(rest, pp)
+    return d, p, c, t
 
 
 def grid_coords(rank, pp, tp):
-    """(d, p, t) of a rank: the inverse of grid_rank."""
-    dp_index, t = divmod(rank, tp)
-    d, p = divmod(dp_index, pp)
+    """(d, p, t) of a rank of a grid without cp: the inverse of grid_rank."""
+    d, p, _, t = grid_coords_cp(rank, pp, 1, tp)
     return d, p, t
 
 
@@ -57,28 +83,35 @@ def default_layout(world_size):
 
 
 class ProcessGrid:
-    """dp x pp x tp grid over `world` (any Group).
+    """dp x pp x cp x tp grid over `world` (any Group).
 
-    Sizes: dp, pp, tp. This rank's coordinates: dp_rank, pp_rank, tp_rank.
-    Groups: tp_group, pp_group, dp_group, mp_group (pp x tp: one model replica),
-    embed_group (also `embed`)."""
+    Sizes: dp, pp, cp, tp. This rank's coordinates: dp_rank, pp_rank, cp_rank, tp_rank.
+    Groups: tp_group, cp_group, pp_group, dp_group, dp_cp_group (gradient sync: dp x cp),
+    mp_group (pp x tp: one model replica for one sequence chunk), embed_group (also `embed`)."""
 
-    def __init__(self, world, dp, pp, tp):
-        validate_layout(world.size, dp, pp, tp)  # before any collective: every rank raises alike
-        self.world, self.dp, self.pp, self.tp = world, dp, pp, tp
-        self.dp_rank, self.pp_rank, self.tp_rank = grid_coords(world.rank, pp, tp)
-        d, p, t = self.dp_rank, self.pp_rank, self.tp_rank
+    def __init__(self, world, dp, pp, tp, cp=1):
+        validate_layout(world.size, dp, pp, tp, cp)  # before any collective: every rank raises alike
+        self.world, self.dp, self.pp, self.tp, self.cp = world, dp, pp, tp, cp
+        self.dp_rank, self.pp_rank, self.cp_rank, self.tp_rank = grid_coords_cp(world.rank, pp, cp, tp)
+        d, p, c, t = self.dp_rank, self.pp_rank, self.cp_rank, self.tp_rank
         # each Split is collective over world; a group's color is the coordinates it shares,
         # its key the coordinate that varies, so a group's rank IS that coordinate
-        self.tp_group = world.split(color=d * pp + p, key=t, name="tp")
-        self.pp_group = world.split(color=d * tp + t, key=p, name="pp")
-        self.dp_group = world.split(color=p * tp + t, key=d, name="dp")
-        self.mp_group = world.split(color=d, key=p * tp + t, name="mp")
+        self.tp_group = world.split(color=(d * pp + p) * cp + c, key=t, name="tp")
+        self.pp_group = world.split(color=(d * cp + c) * tp + t, key=p, name="pp")
+        self.dp_group = world.split(color=(p * cp + c) * tp + t, key=d, name="dp")
+        self.mp_group = world.split(color=d * cp + c, key=p * tp + t, name="mp")
+        self.cp_group = self.dp_cp_group = None
+        if cp > 1:
+            self.cp_group = world.split(color=(d * pp + p) * tp + t, key=c, name="cp")
+            self.dp_cp_group = world.split(color=p * tp + t, key=d * cp + c, name="dp_cp")
+        else:
+            self.cp_group = Group.single(world.ledger, world.algorithm, world.direct).using(name="cp")
+            self.dp_cp_group = self.dp_group
         # tied embedding: the first and last stage of each pipeline (skip when pp == 1)
         self.embed_group = None
         if pp > 1:
             is_end = p in (0, pp - 1)
-            self.embed_group = world.split(color=d * tp + t if is_end else Group.UNDEFINED,
+            self.embed_group = world.split(color=(d * cp + c) * tp + t if is_end else Group.UNDEFINED,
                                            key=p, name="embed")
 
     @property
@@ -104,27 +137,29 @@ class ProcessGrid:
         """pp-group rank of the previous pipeline stage, None on the first stage."""
         return None if self.is_first_stage else self.pp_rank - 1
 
-    def rank_of(self, d, p, t):
-        """Rank in `world` of grid coordinates (d, p, t)."""
-        return grid_rank(d, p, t, self.pp, self.tp)
+    def rank_of(self, d, p, t, c=0):
+        """Rank in `world` of grid coordinates (d, p, c, t)."""
+        return grid_rank(d, p, t, self.pp, self.tp, c, self.cp)
 
     def describe(self):
-        """A table: which rank holds which (d, p, t), and its tp / pp / dp group members."""
-        n = self.dp * self.pp * self.tp
-        lines = [f"ProcessGrid dp={self.dp} pp={self.pp} tp={self.tp} over {n} ranks "
-                 f"(rank = (d*pp + p)*tp + t)",
-                 f"{'rank':>4} {'world':>5} {'d':>2} {'p':>2} {'t':>2}   "
-                 f"{'tp group':<12} {'pp group':<12} {'dp group'}"]
+        """A table: which rank holds which (d, p, c, t), and its tp / cp / pp / dp group members."""
+        n = self.dp * self.pp * self.cp * self.tp
+        lines = [f"ProcessGrid dp={self.dp} pp={self.pp} tp={self.tp}"
+                 + (f" cp={self.cp}" if self.cp > 1 else "") + f" over {n} ranks "
+                 + ("(rank = (d*pp + p)*tp + t)" if self.cp == 1 else "(rank = ((d*pp + p)*cp + c)*tp + t)"),
+                 f"{'rank':>4} {'world':>5} {'d':>2} {'p':>2} {'c':>2} {'t':>2}   "
+                 f"{'tp group':<12} {'cp group':<12} {'pp group':<12} {'dp group'}"]
         for rank in range(n):
-            d, p, t = grid_coords(rank, self.pp, self.tp)
-            tp_members = [self.rank_of(d, p, i) for i in range(self.tp)]
-            pp_members = [self.rank_of(d, i, t) for i in range(self.pp)]
-            dp_members = [self.rank_of(i, p, t) for i in range(self.dp)]
-            lines.append(f"{rank:>4} {self.world.ranks[rank]:>5} {d:>2} {p:>2} {t:>2}   "
+            d, p, c, t = grid_coords_cp(rank, self.pp, self.cp, self.tp)
+            tp_members = [self.rank_of(d, p, i, c) for i in range(self.tp)]
+            cp_members = [self.rank_of(d, p, t, i) for i in range(self.cp)]
+            pp_members = [self.rank_of(d, i, t, c) for i in range(self.pp)]
+            dp_members = [self.rank_of(i, p, t, c) for i in range(self.dp)]
+            lines.append(f"{rank:>4} {self.world.ranks[rank]:>5} {d:>2} {p:>2} {c:>2} {t:>2}   "
                          + " ".join(f"{str(m).replace(' ', ''):<12}"
-                                    for m in (tp_members, pp_members, dp_members)).rstrip())
+                                    for m in (tp_members, cp_members, pp_members, dp_members)).rstrip())
         return "\n".join(lines)
 
     def __repr__(self):
-        return (f"ProcessGrid(dp={self.dp}, pp={self.pp}, tp={self.tp}; this rank d={self.dp_rank} "
-                f"p={self.pp_rank} t={self.tp_rank})")
+        return (f"ProcessGrid(dp={self.dp}, pp={self.pp}, cp={self.cp}, tp={self.tp}; this rank d={self.dp_rank} "
+                f"p={self.pp_rank} c={self.cp_rank} t={self.tp_rank})")

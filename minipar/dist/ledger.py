@@ -9,6 +9,7 @@ dtype, elements and the bytes THIS rank sends if the collective runs as a ring
     all_gather              (n-1)/n * S   S = the full output; each rank brings S/n
     broadcast               (n-1)/n * S   n-1 ranks must each receive S: (n-1)*S
                                           in all, shared by the n ranks
+    all_to_all              (n-1)/n * S   S = this rank's buffer; n-1 of its n blocks leave
     send, isend, sendrecv         S
     recv, irecv, barrier          0
     object, scalar                0       control traffic (pickled metadata, verdict
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from minipar.backend import Transfers
 
-_RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1}
+_RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1, "all_to_all": 1}
 
 
 def ring_bytes(op, nbytes, n):

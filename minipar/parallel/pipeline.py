@@ -33,7 +33,6 @@ from minipar.autograd import Tensor, no_grad, track_saved
 from minipar.backend import array_module, to_device
 from minipar.dist.comm import RING_TAG
 from minipar.memory import MemoryLedger
-from minipar.nn import DropoutKey
 from minipar.parallel import schedules
 from minipar.parallel.stages import build_stages, is_tied, stage_owner
 from minipar.trace import Tracer, summary
@@ -100,9 +99,9 @@ class Pipeline:
         return self.model.parameters()
 
     def activation_shape(self, b, seq_len):
-        """(b, T, C) of one micro-batch's message; T/tp under sequence parallelism."""
+        """(b, T, C) of one micro-batch's message; T/tp under sequence parallelism, T/cp under cp."""
         tp = self.grid.tp if getattr(self.model, "sequence_parallel", False) else 1
-        return (b, seq_len // tp, self.model.cfg.d_model)   # (b, T/tp, C) local
+        return (b, seq_len // (tp * self.grid.cp), self.model.cfg.d_model)   # (b, T/(cp tp), C) local
 
     # ---- one training step ---------------------------------------------------------------
     def forward_backward(self, step, task, micro_indices, loss_scale=1.0, sync=None):
@@ -169,7 +168,7 @@ class Pipeline:
 
     def _forward(self, run, a):
         stage, samples = self.stages[a.chunk], run.micro[a.mb]
-        key = DropoutKey(self.seed, run.step, samples)
+        key = self.model.dropout_key(self.seed, run.step, samples)
         x = y = None
         if stage.is_first or stage.is_last:
             x, y = run.task.batch(run.step, samples)              # (b, T) ids and targets
@@ -259,7 +258,7 @@ class Pipeline:
                 x = Tensor(self.xp.zeros(self.activation_shape(b, task.seq_len), self.compute_dtype),
                            requires_grad=True)
             with track_saved(MemoryLedger(self.rank)) as ledger:
-                stage(x, DropoutKey(self.seed, 0, samples), y if stage.is_last else None)
+                stage(x, self.model.dropout_key(self.seed, 0, samples), y if stage.is_last else None)
             sizes.append(ledger.current("activation"))
         return sizes
 

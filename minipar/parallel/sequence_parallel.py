@@ -56,8 +56,12 @@ def check_divisible(T, tp):
 
 def cut_key(key, t_local, rank):
     """The dropout key with `seq` set to this rank's T slice (masks are drawn per full serial
-    row and cut, so the assembled mask is the serial one); None stays None (eval)."""
-    return None if key is None else replace(key, seq=seq_slice(t_local, rank))
+    row and cut, so the assembled mask is the serial one); None stays None (eval). Under
+    context parallelism key.seq already holds the cp rank's positions: the slice cuts those."""
+    if key is None:
+        return None
+    rows = seq_slice(t_local, rank)
+    return replace(key, seq=rows if key.seq is None else key.seq[rows])
 
 
 def _gather_seq(x, group):
@@ -175,10 +179,12 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
                                     group=self.group, weights=(1, 2))   # (B, T/tp, C)
 
 
-def positions(wpe, T, group, dtype):
-    """wpe rows of this rank's T chunk, (T/tp, C); wpe's grad is summed over tp."""
+def positions(wpe, T, group, dtype, ids=None):
+    """wpe rows of this rank's T chunk, (T/tp, C); wpe's grad is summed over tp. `ids`: the
+    serial positions of the T tokens (context parallelism), default 0..T-1."""
     rows = seq_slice(T // group.size, group.rank)
-    return SumWeightGrads.apply(array_module(wpe.data).arange(rows.start, rows.stop), wpe, op=ops.Embedding,
+    index = array_module(wpe.data).arange(rows.start, rows.stop) if ids is None else ids[rows]
+    return SumWeightGrads.apply(index, wpe, op=ops.Embedding,
                                 group=group, weights=(1,), dtype=dtype)   # (T/tp, C)
 
 

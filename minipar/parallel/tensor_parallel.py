@@ -219,6 +219,7 @@ class TensorParallelGPT(GPT):
         nn.Module.__init__(self)
         self.cfg, self.precision = serial.cfg, serial.precision
         self.group, self.sequence_parallel = group, sequence_parallel
+        self.seq_chunk = serial.seq_chunk                  # context parallelism is applied after TP
         self.v0 = vocab_range(self.cfg.vocab_size, group)[0]
         self.wte = VocabParallelEmbedding(shard(serial.wte.weight, 0, group), self.v0)   # (V/tp, C)
         self.wpe = serial.wpe                                                         # replicated
@@ -231,18 +232,21 @@ class TensorParallelGPT(GPT):
                 p.norm_owner = group.rank == 0
 
     def embed(self, idx, key=None):
+        idx, pos_ids = self.local_tokens(idx)              # (B, T), or (B, T/cp) under context parallelism
         B, T = idx.shape
         sp, group, p = self.sequence_parallel, self.group, self.cfg.dropout
         if sp:
             check_divisible(T, group.size)
         compute = self.precision.compute_dtype
         x = leave_tp(self.wte(idx, compute), group, sp)   # sum of partial lookups: (B, T, C) or (B, T/tp, C)
-        pos = positions(self.wpe.weight, T, group, compute) if sp else self.wpe(array_module(self.wpe.weight.data).arange(T), compute)
+        pos = positions(self.wpe.weight, T, group, compute, pos_ids) if sp else self.wpe(pos_ids, compute)
         x = x + pos                                        # (B, T[/tp], C) + (T[/tp], C)
         if p and self.training:
-            keep = key.keep(0, (T, x.shape[2]), p)          # (B, T, C): the serial mask rows
-            if sp:
-                keep = keep[:, cut_key(key, x.shape[1], group.rank).seq]   # (B, T/tp, C)
+            row = (T if key.seq is None else self.cfg.seq_len, x.shape[2])
+            keep = key.keep(0, row, p)                      # (B, T, C): the serial mask rows
+            cut = cut_key(key, x.shape[1], group.rank) if sp else key
+            if cut.seq is not None:
+                keep = keep[:, cut.seq]                     # (B, T/tp, C) under SP, T/cp under CP
             x = ops.dropout(x, keep, p)
         return x
 
@@ -253,10 +257,10 @@ class TensorParallelGPT(GPT):
         # (B, T, V/tp) = x wte_t^T, entering the tp region as any column-parallel linear does
         return column_linear(x, self.wte.weight, None, self.group, self.sequence_parallel, transpose=True)
 
-    def criterion(self, logits, targets):
+    def token_loss(self, logits, targets):
         return vocab_parallel_cross_entropy(logits, targets, self.group, self.v0)
 
-    def predict(self, logits):
+    def token_argmax(self, logits):
         return vocab_parallel_argmax(logits.data, self.group, self.v0)
 
 

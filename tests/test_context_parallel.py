@@ -1,0 +1,354 @@
+# OPENBLAS_NUM_THREADS=1 .venv/bin/mpiexec -n 8 .venv/bin/python -m mpi4py -m pytest -m "cp and mpi" -p no:cacheprovider -q tests/test_context_parallel.py
+"""Context parallelism: ring attention and Ulysses over a cp grid axis equal the serial run.
+
+Serial (no MPI): the zigzag split and its balance, the log-sum-exp merge of attention
+blocks against full attention (forward and backward), the cp rules and formulas.
+
+MPI: float64 sharded == serial (loss, every gradient, parameter, Adam m and v) over
+hypothesis-drawn layouts with cp in {1, 2, 4, 8} crossed with dp, tp, SP, pp (each
+schedule), ZeRO 1-3, ring or Ulysses, zigzag or contiguous, dropout on or off; the
+done-when layouts as a fixed matrix; the comm ledger's cp traffic equal to
+memory.py's formulas exactly; per-rank attention FLOPs of both splits; the saved
+attention inputs 1/cp of serial. The bug zoo is tests/test_cp_bugzoo.py.
+"""
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from minipar import memory, ops, parity
+from minipar.autograd import Tensor, track_saved
+from minipar.data import ReverseTask
+from minipar.dist.comm import CommLedger
+from minipar.dist.grid import ProcessGrid
+from minipar.dist.verdict import agree
+from minipar.engine import Engine, Layout, OptimConfig
+from minipar.memory import MemoryLedger
+from minipar.nn import GPTConfig
+from minipar.parallel.context import online_softmax as osm
+from minipar.parallel.context.model import check_context_parallel
+from minipar.parallel.context.ring_attention import RingAttention
+from minipar.parallel.context.split import ContextSplit, check_split
+
+pytestmark = pytest.mark.cp
+
+SEED, TASK = 5, ReverseTask(n_digits=8)        # T = 16 tokens: cuts into 2*cp chunks for cp <= 8
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1)
+
+
+def config(n_layer=2, dropout=0.0, **kw):
+    """A tiny GPT: 8 heads (Ulysses: tp*cp <= 8), d_model 16, T = 16."""
+    return GPTConfig(**{**dict(vocab_size=16, seq_len=TASK.seq_len, n_layer=n_layer, n_head=8, d_model=16,
+                               dropout=dropout, precision="fp64"), **kw})
+
+
+# ----------------------------------------------------------------------------- serial: the split
+@pytest.mark.parametrize("cp", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", ["zigzag", "contiguous"])
+def test_every_token_is_held_by_exactly_one_rank(cp, kind):
+    split = ContextSplit(16, cp, 0, kind)
+    assert sorted(split.all_positions().tolist()) == list(range(16))
+    if kind == "zigzag":
+        assert split.chunks(0) == (0, 2 * cp - 1)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_zigzag_pairs_are_equal_and_contiguous_grow_with_rank(cp):
+    zig = [ContextSplit(32, cp, r, "zigzag").pairs() for r in range(cp)]
+    con = [ContextSplit(32, cp, r, "contiguous").pairs() for r in range(cp)]
+    assert all(z == (2 * cp + 1, 2) for z in zig)                     # 2cp+1 pairs, 2 diagonal
+    assert [c[0] for c in con] == list(range(1, cp + 1))              # rank r: r+1 pairs
+
+
+def test_split_refuses_a_sequence_that_does_not_cut():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        check_split(12, 4, "zigzag")
+    check_split(12, 4, "contiguous")
+
+
+def test_cp_rules_name_the_constraint():
+    with pytest.raises(ValueError, match="n_head=2 is not divisible by tp\\*cp"):
+        check_context_parallel(config(n_head=2), 2, "ulysses", tp=2)
+    with pytest.raises(ValueError, match="not divisible"):
+        check_context_parallel(config(), 4, "ring", tp=8, sequence_parallel=True)
+    with pytest.raises(ValueError, match="unknown"):
+        check_context_parallel(config(), 2, "stripes")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--cp", "8", "--n-digits", "4"], "seq_len=8 is not divisible by 16"),       # zigzag: 2*cp chunks
+    (["--cp", "2", "--cp-algo", "ulysses", "--tp", "4", "--n-head", "4"], "tp*cp"),
+    (["--cp", "3"], "does not match the 8 ranks"),
+])
+def test_train_refuses_bad_cp_flags_in_one_line(flags, words):
+    from minipar import train
+    with pytest.raises(train.UsageError, match=words.replace("*", r"\*")):
+        train.configure(train.build_parser().parse_args(flags), 8)
+
+
+def test_train_builds_the_cp_layout():
+    from minipar import train
+    _, layout, _, _ = train.configure(train.build_parser().parse_args(["--cp", "2", "--cp-algo", "ulysses"]), 8)
+    assert (layout.dp, layout.cp, layout.cp_algo, layout.world_size) == (4, 2, "ulysses", 8)
+
+
+# ----------------------------------------------------------------------------- serial: the math
+def _qkv(rng, B=2, H=3, T=8, D=4):
+    return [rng.standard_normal((B, H, T, D)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2, 4])
+def test_blockwise_merge_equals_full_causal_attention(n_blocks):
+    """Forward: blocks of keys merged by log-sum-exp == softmax over all keys; backward: the
+    per-block gradients from the final lse add up to the serial op's gradient."""
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng)
+    B, H, T, D = q.shape
+    packed = np.stack((q, k, v), axis=3).transpose(0, 2, 1, 3, 4).reshape(B, T, H * 3 * D)   # (B, T, H*3D)
+    full = Tensor(packed, requires_grad=True)
+    want = ops.causal_attention(full, H)                                   # (B, T, H*D)
+    g = rng.standard_normal(want.shape)
+    want.backward(g)
+    L, scale = T // n_blocks, 1 / math.sqrt(D)
+    o, lse = np.zeros_like(q), np.full(q.shape[:-1], -np.inf)
+    for i in range(n_blocks):
+        rows = slice(i * L, (i + 1) * L)
+        for j in range(i + 1):                                            # j > i: future, skipped
+            cols = slice(j * L, (j + 1) * L)
+            ob, lb = osm.block_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], scale, i == j)
+            o[:, :, rows], lse[:, :, rows] = osm.merge(o[:, :, rows], lse[:, :, rows], ob, lb)
+    got = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    assert parity.rel_err(got, want.data) < 1e-13
+    do = g.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    delta = (do * o).sum(-1)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for i in range(n_blocks):
+        rows = slice(i * L, (i + 1) * L)
+        for j in range(i + 1):
+            cols = slice(j * L, (j + 1) * L)
+            a, b, c = osm.block_backward(q[:, :, rows], k[:, :, cols], v[:, :, cols], do[:, :, rows],
+                                         lse[:, :, rows], delta[:, :, rows], scale, i == j)
+            dq[:, :, rows] += a
+            dk[:, :, cols] += b
+            dv[:, :, cols] += c
+    grad = np.stack((dq, dk, dv), axis=3).transpose(0, 2, 1, 3, 4).reshape(B, T, H * 3 * D)
+    assert parity.rel_err(grad, full.grad) < 1e-12
+
+
+def test_cp_formulas():
+    assert memory.cp_ring_comm_elements(2, 16, 8, 4, 2) == (3 * 64, 7 * 64)    # block 2*2*16*8/(4*2) = 64
+    fwd, bwd = memory.cp_ulysses_comm_elements(2, 16, 8, 4, 1)
+    assert fwd == bwd == 4 * 2 * 16 * 8 * 3 / 16
+    assert memory.cp_attention_saved_elements(2, 16, 8, 4, 4) == (3 * 256 + 256 + 128) // 4
+
+
+# ----------------------------------------------------------------------------- MPI: parity
+@pytest.fixture(scope="module")
+def grid_of(group_of):
+    """grid_of(dp, pp, cp, tp): a ProcessGrid over a block of ranks with its own ledger (cached)."""
+    grids = {}
+
+    def make(dp, pp, cp, tp):
+        if (dp, pp, cp, tp) not in grids:
+            block = group_of(dp * pp * cp * tp).using(ledger=CommLedger())
+            grids[dp, pp, cp, tp] = ProcessGrid(block, dp, pp, tp, cp)
+        return grids[dp, pp, cp, tp]
+    return make
+
+
+def lockstep(grid, cfg, layout, batch, steps=2, tol=parity.TOLERANCE["fp64"]):
+    """Serial and cp Engines side by side; a collective parity verdict after every step."""
+    serial = Engine(cfg, Layout(), OPTIM, seed=SEED)
+    local = Engine(cfg, layout, OPTIM, seed=SEED, grid=grid)
+    worst = 0.0
+    for step in range(steps):
+        want = serial.train_step(step, TASK, batch)
+        got = local.train_step(step, TASK, batch)
+        with getattr(local.optimizer, "gathered", nullcontext)():
+            rows = parity.compare_models(local, serial)
+        rows.append(("grad_norm", "global", parity.rel_err(np.float64(local.grad_norm), serial.grad_norm)))
+        worst = max(worst, parity.check(grid.world, rows, tol, f" ({layout}, step {step})", loss=(got, want)))
+    return worst, local
+
+
+def report(grid, name, worst):
+    if grid.world.rank == 0:
+        print(f"\n[cp] {name}: max rel err {worst:.2e}")
+
+
+# the done-when layouts (8 ranks), and a few more: (id, (dp, pp, cp, tp), Layout extras, cfg extras)
+MATRIX = [
+    ("cp2-dp4", (4, 1, 2, 1), {}, {}),
+    ("cp4-tp2-sp", (1, 1, 4, 2), dict(sequence_parallel=True), dict(dropout=0.1)),
+    ("cp2-pp2-tp2-m4", (1, 2, 2, 2), dict(micro_batches=4), {}),
+    ("cp2-dp4-zero3", (4, 1, 2, 1), dict(zero=3), {}),
+    ("cp8", (1, 1, 8, 1), {}, dict(dropout=0.1)),
+    ("cp2-dp4-ulysses", (4, 1, 2, 1), dict(cp_algo="ulysses"), {}),
+    ("cp2-pp2-tp2-sp-interleaved", (1, 2, 2, 2), dict(sequence_parallel=True, schedule="interleaved",
+                                                       virtual_stages=2, micro_batches=2),
+     dict(n_layer=4, dropout=0.1)),
+    ("cp4-pp2-zb-h1-zero1", (1, 2, 4, 1), dict(schedule="zb-h1", micro_batches=2, zero=1), dict(dropout=0.1)),
+]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name, dims, lay, cfg_kw", MATRIX, ids=[r[0] for r in MATRIX])
+def test_done_when_layouts_equal_serial(world, grid_of, name, dims, lay, cfg_kw):
+    if world.size < 8:
+        pytest.skip("the done-when layouts run on 8 ranks")
+    dp, pp, cp, tp = dims
+    worst, _ = lockstep(grid_of(*dims), config(**cfg_kw), Layout(dp=dp, pp=pp, cp=cp, tp=tp, **lay), 8)
+    report(grid_of(*dims), name, worst)
+
+
+def divisors(n):
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+@st.composite
+def layouts(draw, world_size):
+    """A valid (dims, Layout extras, cfg extras, batch) on n in {8, 4, 2} ranks with cp >= 1."""
+    n = draw(st.sampled_from([k for k in (8, 4, 2) if world_size % k == 0]), label="n")
+    cp = draw(st.sampled_from(divisors(n)), label="cp")
+    tp = draw(st.sampled_from(divisors(n // cp)), label="tp")
+    pp = draw(st.sampled_from(divisors(n // (cp * tp))), label="pp")
+    dp = n // (cp * tp * pp)
+    algo = draw(st.sampled_from(["ring", "ulysses"] if 8 % (tp * cp) == 0 else ["ring"]), label="algo")
+    split = draw(st.sampled_from(["zigzag", "contiguous"]), label="split")
+    schedule = draw(st.sampled_from(["1f1b", "gpipe", "zb-h1", "interleaved"] if pp > 1 else ["1f1b"]),
+                    label="schedule")
+    m = pp if schedule == "interleaved" else draw(st.integers(1, 2), label="m")
+    zero = draw(st.sampled_from([0, 1, 2] + ([3] if pp == tp == 1 else [])), label="zero")
+    sp = draw(st.booleans(), label="sp") if tp > 1 and (16 // cp) % tp == 0 else False
+    dropout = draw(st.sampled_from([0.0, 0.1]), label="dropout")
+    lay = dict(cp_algo=algo, cp_split=split, schedule=schedule, micro_batches=m, zero=zero,
+               sequence_parallel=sp, virtual_stages=2 if schedule == "interleaved" else 1)
+    return (dp, pp, cp, tp), lay, dict(dropout=dropout, n_layer=max(2, 2 * pp)), dp * m
+
+
+@pytest.mark.mpi
+@settings(max_examples=8)
+@given(data=st.data())
+def test_any_cp_layout_equals_serial(world, grid_of, data):
+    dims, lay, cfg_kw, batch = data.draw(layouts(world.size))
+    dp, pp, cp, tp = dims
+    worst, _ = lockstep(grid_of(*dims), config(**cfg_kw), Layout(dp=dp, pp=pp, cp=cp, tp=tp, **lay), batch)
+    report(grid_of(*dims), f"dp{dp} pp{pp} cp{cp} tp{tp} {lay} {cfg_kw}", worst)
+
+
+# ----------------------------------------------------------------------------- MPI: accounting
+@pytest.mark.mpi
+@pytest.mark.parametrize("algo", ["ring", "ulysses"])
+def test_cp_traffic_equals_the_formula_exactly(world, grid_of, algo):
+    """One step's cp-group bytes from the comm ledger == memory.py's formula: ring
+    (cp-1) K/V blocks forward and (cp-1) K/V + cp dK/dV backward per layer; Ulysses
+    4 all-to-alls per layer of 4bsh/(cp tp)(cp-1)/cp in all each way."""
+    cp, tp, m, batch = (4, 2, 2, 4) if world.size >= 8 else (2, 2, 2, 4)
+    grid = grid_of(1, 1, cp, tp)
+    cfg = config(n_layer=2)
+    engine = Engine(cfg, Layout(cp=cp, tp=tp, cp_algo=algo, micro_batches=m), OPTIM, seed=SEED, grid=grid)
+    engine.train_step(0, TASK, batch)                            # warm-up: nothing differs, but be plain
+    with grid.world.ledger.measure() as step:
+        engine.train_step(1, TASK, batch)
+    b, s, h, L = batch // m, cfg.seq_len, cfg.d_model, cfg.n_layer
+    formula = memory.cp_ring_comm_elements if algo == "ring" else memory.cp_ulysses_comm_elements
+    want = sum(formula(b, s, h, cp, tp, L)) * m * 8              # float64 bytes
+    got = step.total_bytes(group="cp")
+    agree(grid.world, got == want, f"{algo}: cp traffic {got} bytes != formula {want}")
+    ops_seen = {e.op for e in step.entries if e.group == "cp" and e.bytes}
+    expect = {"isend", "sendrecv"} if algo == "ring" else {"all_to_all"}
+    agree(grid.world, ops_seen == expect, f"{algo}: cp ops {ops_seen} != {expect}")
+    if grid.world.rank == 0:
+        print(f"\n[cp] {algo} cp={cp} tp={tp}: {got} bytes per step per rank == formula {want}")
+
+
+@pytest.mark.mpi
+def test_zigzag_balances_attention_flops_and_contiguous_does_not(world, grid_of):
+    """Per-rank attention FLOPs of one step, from the ledger: zigzag equal on every rank,
+    contiguous rank r doing (r+1) times rank 0's work."""
+    cp = 4 if world.size >= 4 else 2
+    grid, cfg, batch = grid_of(1, 1, cp, 1), config(), 2
+    flops = {}
+    for split in ("zigzag", "contiguous"):
+        engine = Engine(cfg, Layout(cp=cp, cp_split=split), OPTIM, seed=SEED, grid=grid)
+        work = engine.model.seq_chunk.work
+        work.reset()
+        engine.train_step(0, TASK, batch)
+        flops[split] = grid.cp_group.allgather_object((work.flops("forward"), work.flops("backward")))
+    L, n_layer, D, H = cfg.seq_len // cp, cfg.n_layer, cfg.d_model // cfg.n_head, cfg.n_head
+    unit = memory.attention_pair_flops(batch, H, L, L, D) * n_layer      # one (T/cp)^2 block, all layers
+    zig = [f for f, _ in flops["zigzag"]]
+    con = [f for f, _ in flops["contiguous"]]
+    agree(grid.world, len(set(zig)) == 1 and zig[0] == (2 * cp + 1) * unit // 4,
+          f"zigzag forward FLOPs per rank {zig}, want all {(2 * cp + 1) * unit // 4}")
+    agree(grid.world, con == [(r + 1) * unit for r in range(cp)], f"contiguous FLOPs {con}")
+    back = [b for _, b in flops["zigzag"]]
+    agree(grid.world, back == [f * 10 // 4 for f in zig], f"backward FLOPs {back}")
+    if grid.world.rank == 0:
+        print(f"\n[cp] attention forward FLOPs per rank, cp={cp}: contiguous {con}, zigzag {zig}")
+
+
+@pytest.mark.mpi
+def test_attention_inputs_saved_per_rank_are_serial_over_cp(world, grid_of):
+    """The memory ledger's saved bytes of the ring attention core (its input qkv, o, lse):
+    the qkv part is exactly 1/cp of what the serial core saves for q, k, v."""
+    cp = 4 if world.size >= 4 else 2
+    grid, cfg, B = grid_of(1, 1, cp, 1), config(), 2
+    T, C, H = cfg.seq_len, cfg.d_model, cfg.n_head
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((B, T, 3 * C))                              # (B, T, 3C) packed qkv
+    split = ContextSplit(T, cp, grid.cp_rank, "zigzag")
+    with track_saved(MemoryLedger(0)) as serial_ledger:
+        ops.causal_attention(Tensor(full, requires_grad=True), H)
+    with track_saved(MemoryLedger(0)) as cp_ledger:
+        RingAttention.apply(Tensor(full[:, split.positions()].copy(), requires_grad=True),
+                            n_head=H, split=split, group=grid.cp_group)
+    serial_qkv = serial_ledger.current("activation") - B * H * T * T * 8    # minus the (T, T) softmax
+    ring = cp_ledger.current("activation")
+    want = memory.cp_attention_saved_elements(B, T, C, H, cp) * 8
+    agree(grid.world, ring == want, f"ring attention saved {ring} bytes, formula {want}")
+    agree(grid.world, 3 * B * T * C * 8 // cp * cp == serial_qkv and
+          ring - (B * T * C + B * H * T) * 8 // cp == serial_qkv // cp,
+          f"attention inputs: ring keeps {ring} bytes, serial q,k,v {serial_qkv}")
+
+
+# ----------------------------------------------------------------------------- MPI: the grid
+@pytest.mark.mpi
+@pytest.mark.parametrize("dims", [(2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 2, 1), (1, 1, 8, 1), (4, 1, 2, 1)])
+def test_cp_groups_hold_the_right_ranks(world, dims):
+    """rank = ((d*pp + p)*cp + c)*tp + t: tp fastest, then cp, pp, dp; dp_cp = same (p, t)."""
+    if world.size != 8:
+        pytest.skip("written for 8 ranks")
+    from minipar.dist.grid import grid_rank
+    dp, pp, cp, tp = dims
+    grid = ProcessGrid(world, dp, pp, tp, cp)
+    d, p, c, t = grid.dp_rank, grid.pp_rank, grid.cp_rank, grid.tp_rank
+    at = lambda d_, p_, c_, t_: grid_rank(d_, p_, t_, pp, tp, c_, cp)   # noqa: E731
+    want = {"tp": [at(d, p, c, i) for i in range(tp)], "cp": [at(d, p, i, t) for i in range(cp)],
+            "pp": [at(d, i, c, t) for i in range(pp)], "dp": [at(i, p, c, t) for i in range(dp)],
+            "dp_cp": [at(i, p, j, t) for i in range(dp) for j in range(cp)],
+            "mp": [at(d, i, c, j) for i in range(pp) for j in range(tp)]}
+    groups = {"tp": grid.tp_group, "cp": grid.cp_group, "pp": grid.pp_group, "dp": grid.dp_group,
+              "dp_cp": grid.dp_cp_group, "mp": grid.mp_group}
+    bad = [f"{k}: {list(g.ranks)} != {want[k]}" for k, g in groups.items() if list(g.ranks) != want[k]]
+    agree(world, at(d, p, c, t) == world.rank and not bad, f"{dims}: {bad}")
+
+
+@pytest.mark.mpi
+def test_whole_step_activation_peak_is_serial_over_cp(world, grid_of):
+    """From the memory ledger, one step (no dropout): every saved activation of a cp rank
+    covers its T/cp tokens, so the peak is the serial peak / cp, except that attention keeps
+    o and the log-sum-exp (b·s·h + b·a·s per layer, / cp) instead of the a·s²·b softmax, plus
+    the 8-byte scalar loss that the cp loss weight's multiply saves."""
+    cp = 4 if world.size >= 4 else 2
+    grid, cfg, B = grid_of(1, 1, cp, 1), config(), 2
+    T, C, H, L = cfg.seq_len, cfg.d_model, cfg.n_head, cfg.n_layer
+    serial = Engine(cfg, Layout(), OPTIM, seed=SEED)
+    local = Engine(cfg, Layout(cp=cp), OPTIM, seed=SEED, grid=grid)
+    serial.train_step(0, TASK, B)
+    local.train_step(0, TASK, B)
+    got, base = local.ledger.peak("activation"), serial.ledger.peak("activation")
+    want = (base - L * B * H * T * T * 8 + L * (B * T * C + B * H * T) * 8) // cp + 8
+    agree(grid.world, got == want, f"cp={cp}: activation peak {got} bytes per rank, want {want} (serial {base})")
