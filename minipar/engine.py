@@ -36,6 +36,8 @@ class Layout:
     virtual_stages: int = 1        # interleaved schedule: model chunks per pipeline rank
     bucket_bytes: int = 2 ** 20    # DDP gradient bucket size
     overlap: bool = True           # launch bucket all-reduces during backward
+    ep: int = 1                    # expert-parallel degree, carved out of dp (MoE: parallel/expert/)
+    serial_of_dp: int = 1          # serial oracle of a dp=N MoE run: micro-batch j = every dp rank's j-th
 
     @property
     def world_size(self):
@@ -65,7 +67,7 @@ def make_optimizer(params, cfg, precision):
 
 
 def check_batch(global_batch, layout):
-    per_rank = layout.dp * layout.micro_batches
+    per_rank = layout.dp * layout.serial_of_dp * layout.micro_batches
     if global_batch % per_rank:
         raise ValueError(f"global batch {global_batch} does not split into dp={layout.dp} x "
                          f"micro_batches={layout.micro_batches} equal micro-batches")
@@ -117,6 +119,12 @@ class Engine:
         self.metrics_group = None
         if grid is not None:
             self.metrics_group = self.dp_group.using(ledger=CommLedger(), name="metrics")
+        self.experts = self.expert_params = None   # MoE: expert groups over dp and the expert params
+        if cfg.experts and grid is not None:
+            from minipar.parallel.expert.dispatch import shard_experts
+            from minipar.parallel.expert.groups import ExpertGroups
+            self.experts = ExpertGroups(grid.dp_group, lay.ep, cfg.experts, grid.tp_rank)
+            self.model, self.expert_params = shard_experts(self.model, self.experts)
         if lay.tp > 1:
             from minipar.parallel.tensor_parallel import shard_tensor_parallel
             self.model = shard_tensor_parallel(self.model, grid.tp_group, lay.sequence_parallel)
@@ -135,7 +143,11 @@ class Engine:
             self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp_group if grid else None, lay,
                                                        self.optim_cfg, self.precision, self.ledger, self.model)
         else:
-            if self.dp_group is not None and self.dp_group.size > 1:
+            if self.experts is not None and self.dp_group.size > 1:
+                from minipar.parallel.expert.sync import ExpertDataParallel
+                self.sync = ExpertDataParallel(self.params, self.expert_params, self.experts,
+                                               lay.bucket_bytes, lay.overlap and lay.pp == 1)
+            elif self.dp_group is not None and self.dp_group.size > 1:
                 from minipar.parallel.data_parallel import DataParallel
                 self.sync = DataParallel(self.params, self.dp_group, lay.bucket_bytes, lay.overlap and lay.pp == 1)
             self.optimizer = make_optimizer(self.params, self.optim_cfg, self.precision)
@@ -158,6 +170,9 @@ class Engine:
     def local_indices(self, global_batch):
         """The sample indices of this dp rank, cut into micro-batches."""
         check_batch(global_batch, self.layout)
+        if self.layout.serial_of_dp > 1:         # the global micro-batches of a dp=N run, in rank order
+            parts = np.arange(global_batch).reshape(self.layout.serial_of_dp, self.layout.micro_batches, -1)
+            return [parts[:, j].reshape(-1) for j in range(self.layout.micro_batches)]   # (N, M, b) -> (N*b,)
         per_rank = global_batch // self.layout.dp
         mine = np.arange(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
         return np.split(mine, self.layout.micro_batches)
@@ -210,13 +225,16 @@ class Engine:
         """[sum g^2, #non-finite] over the gradient entries this rank owns."""
         if hasattr(self.optimizer, "grad_stats"):
             return self.optimizer.grad_stats()          # ZeRO: this rank's gradient shard
+        if self.experts is not None and self.sync is not None:
+            return self.sync.grad_stats()               # dense over dp, experts over edp: once each
         return grad_stats(self.params)
 
     def reduce_grad_stats(self, stats):
         """Sum the stats over every rank that owns distinct gradient entries."""
         if self.grid is None:
             return stats
-        group = self.grid.world if hasattr(self.optimizer, "grad_stats") else self.grid.mp_group
+        owned = hasattr(self.optimizer, "grad_stats") or (self.experts is not None and self.sync is not None)
+        group = self.grid.world if owned else self.grid.mp_group
         if group.size == 1:
             return stats
         # all-reduce (sum) of 2 floats over the model-parallel (or whole, for ZeRO) group

@@ -10,6 +10,9 @@ dtype, elements and the bytes THIS rank sends if the collective runs as a ring
     broadcast               (n-1)/n * S   n-1 ranks must each receive S: (n-1)*S
                                           in all, shared by the n ranks
     send, isend, sendrecv         S
+    all_to_all              (n-1)/n * S   S = the whole send buffer, n equal blocks
+    all_to_all_v                  sum over the other ranks r of the bytes sent to r
+                                          (variable blocks: recorded by the caller)
     recv, irecv, barrier          0
     object, scalar                0       control traffic (pickled metadata, verdict
                                           flags): listed, but kept out of the volume
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 from minipar.backend import Transfers
 
-_RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1}
+_RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1, "all_to_all": 1}
 
 
 def ring_bytes(op, nbytes, n):
