@@ -140,8 +140,13 @@ class Engine:
         self.sync = None
         if lay.zero or lay.offload:
             from minipar.parallel.zero import ZeroOptimizer
-            self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp_group if grid else None, lay,
-                                                       self.optim_cfg, self.precision, self.ledger, self.model)
+            if self.experts is not None:           # dense params sharded over dp, experts over edp
+                from minipar.parallel.expert.sync import ExpertZero
+                self.optimizer = self.sync = ExpertZero(self.params, self.expert_params, self.experts, lay,
+                                                        self.optim_cfg, self.precision, self.ledger, self.model)
+            else:
+                self.optimizer = self.sync = ZeroOptimizer(self.params, grid.dp_group if grid else None, lay,
+                                                           self.optim_cfg, self.precision, self.ledger, self.model)
         else:
             if self.experts is not None and self.dp_group.size > 1:
                 from minipar.parallel.expert.sync import ExpertDataParallel

@@ -67,3 +67,86 @@ class ExpertDataParallel:
         mine = (self.dense_params if self.dp_rank == 0 else []) + \
                (self.expert_params if self.edp_rank == 0 else [])
         return grad_stats(mine) if mine else np.zeros(2)
+
+
+class _Prefixed:
+    """The memory ledger seen by the expert ZeroOptimizer: its names prefixed "experts:",
+    so its flat buffers never collide with the dense ones' entries."""
+
+    def __init__(self, ledger, prefix):
+        self.ledger, self.prefix, self.transfers = ledger, prefix, ledger.transfers
+
+    def add(self, name, *args, **kwargs):
+        return self.ledger.add(self.prefix + name, *args, **kwargs)
+
+    def remove(self, name):
+        self.ledger.remove(self.prefix + name)
+
+    def __contains__(self, name):
+        return self.prefix + name in self.ledger
+
+    def report(self):
+        return self.ledger.report()
+
+
+class ExpertZero:
+    """ZeRO with experts: ZeroOptimizer over dp for the dense parameters, another over edp for
+    the expert parameters (then x 1/ep, as above). The optimizer + sync contract of one
+    ZeroOptimizer: zero_grad, sync, finish, grad_stats, step, t, state, gathered, report.
+    Stage 3 is refused: its units are Blocks, which hold both kinds."""
+
+    def __init__(self, params, experts, groups, layout, optim_cfg, precision, ledger, model=None):
+        from minipar.parallel.zero import ZeroOptimizer
+        if layout.zero == 3:
+            raise ValueError("ZeRO-3 with a mixture of experts is not supported (its units, the Blocks, "
+                             "hold dense and expert parameters); use --zero 1 or 2")
+        dense, expert = split_params(params, experts)
+        self.ep = groups.ep
+        self.dense = ZeroOptimizer(dense, groups.balance, layout, optim_cfg, precision, ledger, model)
+        self.experts = None if not expert else ZeroOptimizer(
+            expert, groups.edp_group, layout, optim_cfg, precision, _Prefixed(ledger, "experts:"), model)
+        self.parts = [z for z in (self.dense, self.experts) if z is not None]
+
+    t = property(lambda self: self.dense.t, doc="the optimizer's step count (both parts alike)")
+
+    @property
+    def sync(self):
+        return self.dense.sync
+
+    @sync.setter
+    def sync(self, value):
+        for z in self.parts:
+            z.sync = value
+
+    def zero_grad(self):
+        for z in self.parts:
+            z.zero_grad()
+
+    def finish(self):
+        for z in self.parts:
+            z.finish()         # reduce-scatter (avg): dense over dp, experts over edp
+        if self.experts is not None and self.ep > 1:
+            self.experts.grad_shard *= 1.0 / self.ep
+
+    def grad_stats(self):
+        return sum(z.grad_stats() for z in self.parts)
+
+    def step(self, grad_scale=1.0):
+        for z in self.parts:
+            z.step(grad_scale)  # each updates its shard, then all-gathers over its own group
+
+    def state(self):
+        out = {}
+        for z in self.parts:
+            out.update(z.state())
+        return out
+
+    @contextmanager
+    def gathered(self):
+        with ExitStack() as stack:
+            for z in self.parts:
+                stack.enter_context(z.gathered())
+            yield self
+
+    def report(self):
+        return self.dense.report()
