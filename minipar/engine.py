@@ -120,6 +120,7 @@ class Engine:
         if grid is not None:
             self.metrics_group = self.dp_group.using(ledger=CommLedger(), name="metrics")
         self.experts = self.expert_params = None   # MoE: expert groups over dp and the expert params
+        self.expert_log = []                       # MoE: one routing record per step (parallel/expert/stats.py)
         if cfg.experts and grid is not None:
             from minipar.parallel.expert.dispatch import shard_experts
             from minipar.parallel.expert.groups import ExpertGroups
@@ -213,8 +214,16 @@ class Engine:
         """forward/backward, gradient sync, optimizer step. Returns the global mean loss."""
         self.model.train()
         self.zero_grad()
+        comm = self.grid.world.ledger if self.grid is not None else CommLedger()
+        if self.cfg.experts:                     # MoE: forget routing logged outside training steps
+            from minipar.parallel.expert.stats import drain, step_record
+            drain(self.model.blocks)
+        mark = comm.snapshot()
         with autograd.track_saved(self.ledger):
             loss = self.forward_backward(step, task, global_batch)
+        if self.cfg.experts:                     # this step's routing counts and all-to-all bytes
+            row_bytes = self.cfg.d_model * np.dtype(self.precision.compute_dtype).itemsize
+            self.expert_log.append(step_record(self.model.blocks, comm.since(mark), row_bytes))
         if self.pipeline is not None:           # tied wte: sum first, ZeRO's reduce-scatter takes the grads
             self.pipeline.sync_tied_grads()
         if self.sync is not None:

@@ -166,6 +166,7 @@ class MoE(Module):
         self.balance = None      # the Group whose tokens share routing statistics (None: serial)
         self.aux = None          # the aux loss Tensor of the last forward
         self.stats = None        # last forward: global tokens per expert, dropped slots, aux value
+        self.log = []            # the stats of every training forward since the engine last read them
 
     def expert_parameters(self):
         return [self.w_fc, self.b_fc, self.w_proj, self.b_proj]
@@ -216,13 +217,21 @@ class MoE(Module):
         g = Gather.apply(gates.reshape(N * k, 1), slots)          # (S, 1)
         out = ScatterRows.apply(y * g, token, N)                  # (N, C) sum over each token's slots
         dropped = 0 if self.capacity_factor is None else int(counts.sum()) - self.count_kept(kept)
-        self.stats = {"tokens": counts, "dropped": dropped, "aux": float(self.aux.item())}
+        sent, received = self.exchanged_rows()
+        self.stats = {"tokens": counts, "dropped": dropped, "aux": float(self.aux.item()),
+                      "sent_rows": sent, "received_rows": received}
+        if self.training:
+            self.log.append(self.stats)
         return out.reshape(B, T, C)
 
     def count_kept(self, kept):
         """Kept slots over the balance group (serial: here)."""
         n = int(kept.sum())
         return n if self.balance is None or self.balance.size == 1 else self.balance.sum_(n)
+
+    def exchanged_rows(self):
+        """(rows sent to, rows received from) the other ranks by the last dispatch: serial (0, 0)."""
+        return 0, 0
 
     def experts(self, rows, per_expert):
         """FFN_e of each expert's rows (S, C), rows grouped by expert; expert parallelism

@@ -68,6 +68,13 @@ def build_parser():
     m.add_argument("--dropout", type=float, default=0.0)
     m.add_argument("--precision", choices=("fp64", "fp32", "mixed"), default="fp64",
                    help="fp64 (default: parity to ~1e-12), fp32, or mixed (fp16 params, fp32 master)")
+    e = p.add_argument_group("mixture of experts (minipar/moe.py, parallel/expert/)")
+    e.add_argument("--experts", type=int, default=0, help="E expert MLPs per MoE layer (0: dense)")
+    e.add_argument("--top-k", type=int, default=2, help="experts per token (gates renormalised)")
+    e.add_argument("--moe-every", type=int, default=1, help="every n-th MLP is an MoE")
+    e.add_argument("--aux-loss-coef", type=float, default=0.01, help="Switch load-balancing loss alpha")
+    e.add_argument("--capacity-factor", type=float, default=None, help="drop slots over capacity (default dropless)")
+    e.add_argument("--ep", type=int, default=1, help="expert-parallel degree, carved out of dp")
     t = p.add_argument_group("training")
     t.add_argument("--data", help="train character-level on this text file instead of the built-in task")
     t.add_argument("--n-digits", type=int, default=8, help="built-in task: digits to reverse")
@@ -126,11 +133,13 @@ def configure(args, world_size):
     try:
         cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
                         n_head=args.n_head or n_head, d_model=args.d_model or d_model,
-                        tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
+                        tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision,
+                        experts=args.experts, top_k=args.top_k, moe_every=args.moe_every,
+                        aux_loss_coef=args.aux_loss_coef, capacity_factor=args.capacity_factor)
         layout = Layout(dp=dp, pp=pp, tp=tp, sequence_parallel=args.sequence_parallel, zero=zero,
                         offload=args.offload, schedule=args.schedule, micro_batches=micro,
                         virtual_stages=args.virtual_stages, bucket_bytes=int(args.bucket_mb * 2 ** 20),
-                        overlap=not args.no_overlap)
+                        overlap=not args.no_overlap, ep=args.ep)
         validate(cfg, layout, args.batch_size, world_size)
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -160,9 +169,31 @@ def validate(cfg, layout, batch, world_size):
         raise ValueError("--virtual-stages > 1 needs --schedule interleaved")
     if layout.zero == 3 and (layout.tp > 1 or layout.pp > 1):
         raise ValueError("ZeRO-3 is supported with data parallelism only (use --zero 1 or 2 with tp/pp)")
+    validate_experts(cfg, layout)
     if batch % (layout.dp * layout.micro_batches):
         raise ValueError(f"global batch {batch} does not split into dp={layout.dp} x "
                          f"micro-batches={layout.micro_batches} equal parts")
+
+
+def validate_experts(cfg, layout):
+    """The MoE / expert-parallel rules (parallel/expert/groups.py says why ep divides dp and E)."""
+    from minipar.parallel.expert.groups import validate_expert_layout
+    if cfg.experts < 0:
+        raise ValueError(f"--experts must be >= 0, got {cfg.experts}")
+    validate_expert_layout(cfg.experts, layout.ep, layout.dp)
+    if cfg.experts and layout.sequence_parallel:
+        raise ValueError("a mixture of experts with --sequence-parallel is not supported (the MoE layer "
+                         "is replicated over tp and needs the whole sequence)")
+    if cfg.experts and layout.zero == 3 and layout.world_size > 1:
+        raise ValueError("ZeRO-3 with a mixture of experts is not supported; use --zero 1 or 2")
+
+
+def serial_layout(cfg, layout):
+    """The serial oracle of --check: one micro-batch; an MoE run's routing statistics are per
+    global micro-batch, so its oracle runs the same global micro-batches (Layout.serial_of_dp)."""
+    if cfg.experts:
+        return Layout(micro_batches=layout.micro_batches, serial_of_dp=layout.dp)
+    return Layout(micro_batches=1)
 
 
 def main(argv=None):
@@ -180,7 +211,7 @@ def main(argv=None):
     grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp) if world.size > 1 else None
     tracer = report.make_tracer(grid.pp_rank) if layout.pp > 1 else None
     engine = Engine(cfg, layout, optim, args.seed, grid, tracer, device=args.device)
-    serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed, device=args.device) if args.check else None
+    serial = Engine(cfg, serial_layout(cfg, layout), optim, args.seed, device=args.device) if args.check else None
     checker = world.using(ledger=CommLedger(), name="check")   # verdict traffic kept out of the run's ledger
     say(report.header(cfg, layout, optim, task, grid, engine), flush=True)
 

@@ -64,16 +64,24 @@ class ExpertParallelMoE(MoE):
         self.balance = groups.balance                         # routing statistics over dp
         self.group, self.per_rank = groups.ep_group, groups.per_rank
         self.aux = self.stats = None
-        self.last_counts = None                               # (ep, E/ep) send counts of the last forward
+        self.log = []
+        self.exchange = None                                  # (send, recv) row counts per ep rank, last forward
+
+    def exchanged_rows(self):
+        """(rows sent to, rows received from) the other ep ranks by the last dispatch."""
+        send, recv = self.exchange
+        me = self.group.rank
+        return int(send.sum() - send[me]), int(recv.sum() - recv[me])
 
     def experts(self, rows, per_expert):
         """rows (S, C) sorted by expert -> their FFN outputs, in the same order."""
         send = per_expert.reshape(self.group.size, self.per_rank).astype(np.int64)   # (ep, E/ep)
-        self.last_counts = send
         if self.group.size == 1:
+            self.exchange = (send.sum(axis=1), send.sum(axis=1))
             return self.ffn(rows, per_expert)
         # all-to-all over ep: E int64 counts, block r = my rows for rank r's experts
         recv = self.group.all_to_all(send)                    # (ep, E/ep) [source, my expert]
+        self.exchange = (send.sum(axis=1), recv.sum(axis=1))
         x = AllToAll.apply(rows, send.sum(axis=1), recv.sum(axis=1), self.group)   # (R, C) by source
         starts = np.concatenate([[0], np.cumsum(recv.reshape(-1))])[:-1].reshape(recv.shape)
         perm = np.concatenate([np.arange(starts[s, j], starts[s, j] + recv[s, j])
