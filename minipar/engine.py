@@ -126,6 +126,8 @@ class Engine:
             from minipar.parallel.expert.groups import ExpertGroups
             self.experts = ExpertGroups(grid.dp_group, lay.ep, cfg.experts, grid.tp_rank)
             self.model, self.expert_params = shard_experts(self.model, self.experts)
+        elif lay.ep > 1:
+            raise ValueError(f"ep={lay.ep} needs a mixture of experts (experts > 0) and more than one rank")
         if lay.tp > 1:
             from minipar.parallel.tensor_parallel import shard_tensor_parallel
             self.model = shard_tensor_parallel(self.model, grid.tp_group, lay.sequence_parallel)

@@ -201,7 +201,7 @@ class MoE(Module):
         choice = np.asarray(top_k(probs.data, k))                 # (N, k) on the host: routing is metadata
         flat = (np.arange(N)[:, None] * E + choice).reshape(-1)   # (N*k,) into probs.reshape(N*E)
         top = Gather.apply(probs.reshape(N * E, 1), flat).reshape(N, k)   # (N, k)
-        gates = top / top.sum(axis=1, keepdims=True)              # renormalised: rows sum to 1
+        gates = self.renormalise(top)                             # (N, k) rows sum to 1
         expert = choice.reshape(-1)                               # (N*k,) slot a = t*k + s
         by_rank = self.gather_counts(np.bincount(expert, minlength=E).astype(np.int64))  # (R, E)
         counts = by_rank.sum(axis=0)                              # (E,) global routing counts
@@ -223,6 +223,10 @@ class MoE(Module):
         if self.training:
             self.log.append(self.stats)
         return out.reshape(B, T, C)
+
+    def renormalise(self, top):
+        """g_te = p_te / sum_{e' in topk(t)} p_te': the k gates of a token sum to 1."""
+        return top / top.sum(axis=1, keepdims=True)
 
     def count_kept(self, kept):
         """Kept slots over the balance group (serial: here)."""
