@@ -15,7 +15,7 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS      := 1
 export MKL_NUM_THREADS      := 1
 
-STRATEGIES := dp tp pp zero offload 3d
+STRATEGIES := dp tp pp zero offload 3d ep
 
 .PHONY: help install train compare plan test test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
 

@@ -88,8 +88,15 @@ class ExpertParallelMoE(MoE):
                                for j in range(self.per_rank) for s in range(self.group.size)]
                               + [np.zeros(0, np.int64)]).astype(np.int64)           # expert-major
         y = self.ffn(Gather.apply(x, perm), recv.sum(axis=0))   # (R, C) by expert
-        back = Gather.apply(y, np.argsort(perm))                # (R, C) by source again
+        back = Gather.apply(y, self.source_order(perm))         # (R, C) by source again
         return AllToAll.apply(back, recv.sum(axis=1), send.sum(axis=1), self.group)   # (S, C)
+
+
+    @staticmethod
+    def source_order(perm):
+        """The inverse of the expert-major regrouping: rows return in the order they arrived,
+        so the combine all-to-all hands each source its rows in the order it dispatched them."""
+        return np.argsort(perm)
 
 
 def shard_experts(model, groups):
