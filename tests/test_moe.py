@@ -169,3 +169,28 @@ def test_counts_and_config_rules():
                 dict(capacity_factor=0.0)):
         with pytest.raises(ValueError):
             GPTConfig(experts=8, **bad)
+
+
+def test_plan_counts_total_and_active_parameters(capsys):
+    """plan's MoE counts: Mixtral-like 32 x 4096 with E = 8, k = 2 -> 3.67e10 total, 1.10e10 active."""
+    from minipar import plan
+    phi = plan.gpt_param_count(32, 4096, 50304, 2048)
+    total, active = plan.moe_param_counts(phi, 32, 4096, 8, 2)
+    assert total - phi == 32 * (7 * 8 * 4096 ** 2 + 4096 * 8)
+    assert active - phi == 32 * (1 * 8 * 4096 ** 2 + 4096 * 8)
+    assert plan.moe_param_counts(phi, 32, 4096, 8, 2, moe_every=2)[0] - phi == (total - phi) // 2
+    assert plan.main(["--gpus", "64", "--layers", "32", "--hidden", "4096", "--heads", "32", "--seq", "2048",
+                      "--batch", "1", "--vocab", "50304", "--experts", "8", "--ep", "8"]) == 0
+    assert "active per token" in capsys.readouterr().out
+
+
+def test_train_flags_validate_experts():
+    from minipar.train import UsageError, build_parser, configure
+    for world, flags, words in ((4, ["--experts", "6", "--ep", "4", "--dp", "4"], "not divisible"),
+                                (4, ["--experts", "8", "--ep", "3", "--dp", "4"], "must divide"),
+                                (2, ["--ep", "2", "--dp", "2"], "needs a mixture"),
+                                (1, ["--experts", "8", "--top-k", "9"], "top_k"),
+                                (2, ["--experts", "8", "--tp", "2", "--sequence-parallel"], "sequence"),
+                                (2, ["--experts", "8", "--zero", "3", "--dp", "2"], "ZeRO-3")):
+        with pytest.raises(UsageError, match=words):
+            configure(build_parser().parse_args(flags), world)
