@@ -42,18 +42,19 @@ import numpy as np
 
 from minipar import ops
 from minipar.autograd import Function
-from minipar.backend import array_module, scatter_add_rows
+from minipar.backend import array_module, like, scatter_add_rows, to_device, to_host
 from minipar.nn import Linear, Module, Parameter, _normal
 
 
 # ---- the Functions MoE needs: move rows, and one Linear per expert ----------------------------
 class Gather(Function):
-    """out = x[index] (rows); backward scatter-adds the rows back (a row taken twice adds twice)."""
+    """out = x[index] (rows); backward scatter-adds the rows back (a row taken twice adds twice).
+    `index` is host routing metadata, moved explicitly to x's device."""
 
     @staticmethod
     def forward(ctx, x, index):
-        ctx.index, ctx.shape = index, x.shape
-        return x[index]                                           # (len(index), C)
+        ctx.index, ctx.shape = like(index, x), x.shape
+        return x[ctx.index]                                       # (len(index), C)
 
     @staticmethod
     def backward(ctx, g):
@@ -67,7 +68,7 @@ class ScatterRows(Function):
 
     @staticmethod
     def forward(ctx, x, index, n):
-        ctx.index = index
+        ctx.index = index = like(index, x)
         out = array_module(x).zeros((n,) + x.shape[1:], dtype=x.dtype)
         scatter_add_rows(out, index, x)                           # (S, C) rows into (n, C)
         return out
@@ -113,11 +114,13 @@ class WithAux(Function):
 
     @staticmethod
     def forward(ctx, loss, aux):
+        ctx.xp, ctx.shape = array_module(aux), aux.shape
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        return g, g
+        # the loss's seed may be a host scalar: moved explicitly to the aux loss's device, (1,)
+        return g, to_device(g, ctx.xp).reshape(ctx.shape)
 
 
 class AttachAux(Function):
@@ -126,12 +129,12 @@ class AttachAux(Function):
 
     @staticmethod
     def forward(ctx, x, aux, seed):
-        ctx.seed, ctx.dtype = seed, aux.dtype
+        ctx.seed, ctx.dtype, ctx.shape = seed, aux.dtype, aux.shape
         return x
 
     @staticmethod
     def backward(ctx, g):
-        return g, array_module(g).asarray(ctx.seed, dtype=ctx.dtype)
+        return g, array_module(g).full(ctx.shape, ctx.seed, dtype=ctx.dtype)
 
 
 def top_k(probs, k):
@@ -198,7 +201,7 @@ class MoE(Module):
         N, E, k = B * T, self.n_experts, self.k
         xf = x.reshape(N, C)                                      # (B*T, C)
         probs = ops.softmax(self.router(xf))                      # (N, E)
-        choice = np.asarray(top_k(probs.data, k))                 # (N, k) on the host: routing is metadata
+        choice = to_host(top_k(probs.data, k))                    # (N, k) on the host: routing is metadata
         flat = (np.arange(N)[:, None] * E + choice).reshape(-1)   # (N*k,) into probs.reshape(N*E)
         top = Gather.apply(probs.reshape(N * E, 1), flat).reshape(N, k)   # (N, k)
         gates = self.renormalise(top)                             # (N, k) rows sum to 1
@@ -207,7 +210,8 @@ class MoE(Module):
         counts = by_rank.sum(axis=0)                              # (E,) global routing counts
         kept = np.ones(N * k, bool) if self.capacity_factor is None else self.capacity_mask(expert, by_rank)
         f = counts / (by_rank.sum() if by_rank.sum() else 1)      # f_i = c_i / (N_global k)
-        self.aux = (probs.mean(axis=0) * (self.coef * E * f)).sum()   # alpha E sum_i f_i P_i(local)
+        # alpha E sum_i f_i P_i(local), shape (1,): it stays on the device (a 0-d sum may not)
+        self.aux = (probs.mean(axis=0) * like(self.coef * E * f, probs.data)).sum(axis=0, keepdims=True)
         slots = np.flatnonzero(kept)
         slots = slots[np.argsort(expert[slots], kind="stable")]   # kept slots by (expert, slot)
         token = slots // k
@@ -218,7 +222,7 @@ class MoE(Module):
         out = ScatterRows.apply(y * g, token, N)                  # (N, C) sum over each token's slots
         dropped = 0 if self.capacity_factor is None else int(counts.sum()) - self.count_kept(kept)
         sent, received = self.exchanged_rows()
-        self.stats = {"tokens": counts, "dropped": dropped, "aux": float(self.aux.item()),
+        self.stats = {"tokens": counts, "dropped": dropped, "aux": float(to_host(self.aux.data)[0]),
                       "sent_rows": sent, "received_rows": received}
         if self.training:
             self.log.append(self.stats)
