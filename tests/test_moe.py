@@ -194,3 +194,20 @@ def test_train_flags_validate_experts():
                                 (2, ["--experts", "8", "--zero", "3", "--dp", "2"], "ZeRO-3")):
         with pytest.raises(UsageError, match=words):
             configure(build_parser().parse_args(flags), world)
+
+
+def test_train_reports_expert_statistics(tmp_path):
+    """A serial MoE run's JSON report carries the routing statistics of every step."""
+    import json
+    from minipar.train import main
+    path = tmp_path / "report.json"
+    assert main(["--experts", "4", "--top-k", "2", "--moe-every", "2", "--n-layer", "2", "--d-model", "16",
+                 "--steps", "2", "--batch-size", "4", "--n-digits", "3", "--eval-samples", "8",
+                 "--capacity-factor", "0.5", "--report", str(path)]) == 0
+    e = json.loads(path.read_text())["experts"]
+    assert list(e["layers"]) == ["1"] and e["experts"] == 4 and e["capacity_factor"] == 0.5
+    layer = e["layers"]["1"]
+    tokens = 4 * 6                                  # batch x seq_len (3 digits -> T = 6)
+    assert [sum(t) for t in layer["tokens_per_expert"]] == [tokens * 2] * 2
+    assert all(d > 0 for d in layer["dropped"]) and len(layer["aux_loss"]) == 2
+    assert e["traffic_matches_formula"]
