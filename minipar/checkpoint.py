@@ -57,6 +57,9 @@ def save(path, engine, step, world=None):
     tmp = f"{path}.tmp-{os.getpid() if world is None else world.bcast_object(os.getpid())}"
     slices = _local_slices(engine)            # collective for ZeRO (gathers m, v): every rank calls it
     writer = engine.dp_rank == 0
+    if not writer and engine.experts is not None and engine.experts.edp_group.rank == 0:
+        expert = {p.name for p in engine.expert_params}      # the ep ranks hold different experts
+        slices, writer = [s for s in slices if s[1] in expert], True
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)

@@ -148,5 +148,11 @@ class ExpertZero:
                 stack.enter_context(z.gathered())
             yield self
 
+    def load_state(self, state, t):
+        """Each part keeps its own shard of {name: {"param", "master", "m", "v"}} (needs
+        ZeroOptimizer.load_state, the checkpoint contract)."""
+        for z in self.parts:
+            z.load_state({p.name: state[p.name] for p in z.params}, t)
+
     def report(self):
         return self.dense.report()
