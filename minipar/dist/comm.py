@@ -3,7 +3,8 @@
 A `Group` wraps one MPI communicator: the whole job (`Group.world()`) or a
 sub-group made by `split` (the tp, pp, dp groups of a ProcessGrid). Its
 methods take and return arrays and call mpi4py's uppercase buffer methods
-(Allreduce, Reduce_scatter_block, Allgather, Bcast, Send/Recv, Sendrecv).
+(Allreduce, Reduce_scatter_block, Allgather, Bcast, Send/Recv, Sendrecv, and
+Alltoall / Alltoallv for expert parallelism's token dispatch).
 
 Each call is recorded in the group's `CommLedger` (dist/ledger.py): op, group,
 dtype, elements and the bytes this rank sends under a ring algorithm.
