@@ -226,7 +226,7 @@ class MoE(Module):
                       "sent_rows": sent, "received_rows": received}
         if self.training:
             self.log.append(self.stats)
-        return out.reshape(B, T, C)
+        return out.reshape(B, T, C)                               # (N, C) -> (B, T, C)
 
     def renormalise(self, top):
         """g_te = p_te / sum_{e' in topk(t)} p_te': the k gates of a token sum to 1."""

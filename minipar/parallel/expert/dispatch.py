@@ -83,7 +83,7 @@ class ExpertParallelMoE(MoE):
         recv = self.group.all_to_all(send)                    # (ep, E/ep) [source, my expert]
         self.exchange = (send.sum(axis=1), recv.sum(axis=1))
         x = AllToAll.apply(rows, send.sum(axis=1), recv.sum(axis=1), self.group)   # (R, C) by source
-        starts = np.concatenate([[0], np.cumsum(recv.reshape(-1))])[:-1].reshape(recv.shape)
+        starts = np.concatenate([[0], np.cumsum(recv.reshape(-1))])[:-1].reshape(recv.shape)   # (ep, E/ep)
         perm = np.concatenate([np.arange(starts[s, j], starts[s, j] + recv[s, j])
                                for j in range(self.per_rank) for s in range(self.group.size)]
                               + [np.zeros(0, np.int64)]).astype(np.int64)           # expert-major
