@@ -15,7 +15,7 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS      := 1
 export MKL_NUM_THREADS      := 1
 
-STRATEGIES := dp tp pp zero offload 3d cp
+STRATEGIES := dp tp pp zero offload 3d cp ep
 
 .PHONY: help install train compare plan test test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
 
@@ -28,7 +28,7 @@ help:  ## list the targets
 	@echo "  bench-gpu     benchmarks/bench_device.py: CuPy vs NumPy step time, ranks sharing the GPU"
 	@echo "  test-serial   tests not marked mpi"
 	@echo "  test-mpi      tests marked mpi, on $(NP) ranks"
-	@echo "  test-dp test-tp test-pp test-zero test-offload test-3d test-cp"
+	@echo "  test-dp test-tp test-pp test-zero test-offload test-3d test-cp test-ep"
 	@echo "                one strategy's tests (serial + MPI), e.g. as a grader"
 	@echo "  tutorials     run every tutorials/NN_*.py (rank count from its first line)"
 	@echo "  bench         benchmarks/run.py"

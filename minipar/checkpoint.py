@@ -53,6 +53,7 @@ FORMAT = "minipar-checkpoint-1"
 MANIFEST = "manifest.json"
 KINDS = ("param", "master", "m", "v", "momentum")
 SHAPE_KEYS = ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "tied_embeddings")
+MOE_KEYS = {"experts": 0, "top_k": 2, "moe_every": 1}     # and their values in a dense model's manifest
 OURS = re.compile(r"rank\d+(-[0-9a-z-]+)?\.npz|manifest\.json(\.tmp-[0-9a-z-]+)?")   # what a save may leave
 
 
@@ -109,13 +110,17 @@ def save(path, engine, step, world=None):
     gen = f"s{step}-{secrets.token_hex(4)}"
     if world is not None:
         gen = world.bcast_object(gen)         # one generation name for the whole job
+    writer = engine.dp_rank == 0
+    if not writer and engine.experts is not None and engine.experts.edp_group.rank == 0:
+        expert = {p.name for p in engine.expert_params}      # the ep ranks hold different experts
+        slices, writer = [s for s in slices if s[1] in expert], True
     if rank == 0:
         os.makedirs(path, exist_ok=True)
     if world is not None:
         world.barrier()
     _reached("begin")
     entries = []
-    if engine.dp_rank == 0:
+    if writer:
         fname = f"rank{rank}-{gen}.npz"
         with open(os.path.join(path, fname), "wb") as f:
             np.savez(f, **{f"{kind}/{name}": a for kind, name, _, a in slices})
@@ -223,6 +228,10 @@ def read_manifest(path, cfg=None, name=MANIFEST):
             flag = "--untied" if key == "tied_embeddings" else f"--{key.replace('_size', '').replace('_', '-')}"
             raise CheckpointError(f"checkpoint {path} has {key}={saved[key]}, this run has "
                                   f"{getattr(cfg, key)} ({flag})")
+    for key, dense in MOE_KEYS.items() if cfg is not None and (cfg.experts or saved.get("experts")) else ():
+        if saved.get(key, dense) != getattr(cfg, key):
+            raise CheckpointError(f"checkpoint {path} has {key}={saved.get(key, dense)}, this run has "
+                                  f"{getattr(cfg, key)} (--{key.replace('_', '-')})")
     for fname, digest in files.items():
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):

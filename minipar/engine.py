@@ -42,6 +42,8 @@ class Layout:
     virtual_stages: int = 1        # interleaved schedule: model chunks per pipeline rank
     bucket_bytes: int = 2 ** 20    # DDP gradient bucket size
     overlap: bool = True           # launch bucket all-reduces during backward
+    ep: int = 1                    # expert-parallel degree, carved out of dp (MoE: parallel/expert/)
+    serial_of_dp: int = 1          # serial oracle of a dp=N MoE run: micro-batch j = every dp rank's j-th
 
     @property
     def world_size(self):
@@ -71,7 +73,7 @@ def make_optimizer(params, cfg, precision):
 
 
 def check_batch(global_batch, layout):
-    per_rank = layout.dp * layout.micro_batches
+    per_rank = layout.dp * layout.serial_of_dp * layout.micro_batches
     if global_batch % per_rank:
         raise ValueError(f"global batch {global_batch} does not split into dp={layout.dp} x "
                          f"micro_batches={layout.micro_batches} equal micro-batches")
@@ -127,6 +129,15 @@ class Engine:
         self.metrics_group = None
         if grid is not None:
             self.metrics_group = self.dp_group.using(ledger=CommLedger(), name="metrics")
+        self.experts = self.expert_params = None   # MoE: expert groups over dp and the expert params
+        self.expert_log = []                       # MoE: one routing record per step (parallel/expert/stats.py)
+        if cfg.experts and grid is not None:
+            from minipar.parallel.expert.dispatch import shard_experts
+            from minipar.parallel.expert.groups import ExpertGroups
+            self.experts = ExpertGroups(grid.dp_group, lay.ep, cfg.experts, grid.tp_rank)
+            self.model, self.expert_params = shard_experts(self.model, self.experts)
+        elif lay.ep > 1:
+            raise ValueError(f"ep={lay.ep} needs a mixture of experts (experts > 0) and more than one rank")
         if lay.tp > 1:
             from minipar.parallel.tensor_parallel import shard_tensor_parallel
             self.model = shard_tensor_parallel(self.model, grid.tp_group, lay.sequence_parallel)
@@ -146,16 +157,29 @@ class Engine:
             p.data = to_device(p.data, self.xp, self.ledger.transfers)
         if lay.zero or lay.offload:
             from minipar.parallel.zero import ZeroOptimizer
-            self.optimizer = self.sync = ZeroOptimizer(self.params, self.dp_group, lay,
-                                                       self.optim_cfg, self.precision, self.ledger, self.model)
+            if self.experts is not None:           # dense params sharded over dp, experts over edp
+                from minipar.parallel.expert.sync import ExpertZero
+                self.optimizer = self.sync = ExpertZero(self.params, self.expert_params, self.experts, lay,
+                                                        self.optim_cfg, self.precision, self.ledger, self.model)
+            else:
+                self.optimizer = self.sync = ZeroOptimizer(self.params, self.dp_group, lay,
+                                                           self.optim_cfg, self.precision, self.ledger, self.model)
         else:
-            if self.dp_group is not None and self.dp_group.size > 1:
+            if self.experts is not None and self.dp_group.size > 1:
+                from minipar.parallel.expert.sync import ExpertDataParallel
+                self.sync = ExpertDataParallel(self.params, self.expert_params, self.experts,
+                                               lay.bucket_bytes, lay.overlap and lay.pp == 1)
+            elif self.dp_group is not None and self.dp_group.size > 1:
                 from minipar.parallel.data_parallel import DataParallel
                 self.sync = DataParallel(self.params, self.dp_group, lay.bucket_bytes, lay.overlap and lay.pp == 1)
             else:
                 self.sync = LocalGrads(self.params)
             self.optimizer = make_optimizer(self.params, self.optim_cfg, self.precision)
             self._register_model_state()
+        # who counts the gradient statistics (sum g^2, non-finite): the optimizer, except with
+        # experts and no ZeRO, where the sync knows which entries are dense and which experts
+        self.grad_owner = self.sync if self.experts is not None and lay.zero == 0 and not lay.offload \
+            and self.dp_group.size > 1 else self.optimizer
 
     def data_parallel_group(self):
         """The ranks whose gradients are averaged (and ZeRO's shard group): dp x cp, since cp
@@ -180,6 +204,9 @@ class Engine:
     def local_indices(self, global_batch):
         """The sample indices of this dp rank, cut into micro-batches."""
         check_batch(global_batch, self.layout)
+        if self.layout.serial_of_dp > 1:         # the global micro-batches of a dp=N run, in rank order
+            parts = np.arange(global_batch).reshape(self.layout.serial_of_dp, self.layout.micro_batches, -1)
+            return [parts[:, j].reshape(-1) for j in range(self.layout.micro_batches)]   # (N, M, b) -> (N*b,)
         per_rank = global_batch // self.layout.dp
         mine = np.arange(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
         return np.split(mine, self.layout.micro_batches)
@@ -210,13 +237,21 @@ class Engine:
         """forward/backward, gradient sync, optimizer step. Returns the global mean loss."""
         self.model.train()
         self.zero_grad()
+        comm = self.grid.world.ledger if self.grid is not None else CommLedger()
+        if self.cfg.experts:                     # MoE: forget routing logged outside training steps
+            from minipar.parallel.expert.stats import drain, step_record
+            drain(self.model.blocks)
+        mark = comm.snapshot()
         with autograd.track_saved(self.ledger):
             loss = self.forward_backward(step, task, global_batch)
+        if self.cfg.experts:                     # this step's routing counts and all-to-all bytes
+            row_bytes = self.cfg.d_model * np.dtype(self.precision.compute_dtype).itemsize
+            self.expert_log.append(step_record(self.model.blocks, comm.since(mark), row_bytes))
         if self.pipeline is not None:           # tied wte: sum first, ZeRO's reduce-scatter takes the grads
             self.pipeline.sync_tied_grads()
         self.sync.finish()
         grad_scale, self.grad_norm = prepare_step(self.params, self.optim_cfg.max_norm, self.scaler,
-                                                  self.reduce_grad_stats, self.optimizer.grad_stats())
+                                                  self.reduce_grad_stats, self.grad_owner.grad_stats())
         if grad_scale is not None:
             with autograd.no_grad():
                 self.optimizer.step(grad_scale)
@@ -227,7 +262,7 @@ class Engine:
         group, or the whole world when each dp rank owns a shard of the gradients (ZeRO)."""
         if self.grid is None:
             return stats
-        group = self.grid.world if self.optimizer.shards_gradients else self.grid.mp_group
+        group = self.grid.world if self.grad_owner.shards_gradients else self.grid.mp_group
         if group.size == 1:
             return stats
         # all-reduce (sum) of 2 floats over the model-parallel (or whole, for ZeRO) group

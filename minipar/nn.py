@@ -29,6 +29,12 @@ class GPTConfig:
     tied_embeddings: bool = True  # lm_head reuses wte (logits = x @ wte^T)
     dropout: float = 0.0         # p for embedding, residual and attention dropout
     precision: str = "fp64"      # fp64 | fp32 | mixed (see backend.Precision)
+    # mixture of experts (minipar/moe.py); experts = 0 keeps every MLP dense
+    experts: int = 0             # E: expert MLPs per MoE layer
+    top_k: int = 2               # k: experts each token is routed to (k <= E)
+    moe_every: int = 1           # every n-th Block's MLP is an MoE (blocks n-1, 2n-1, ...)
+    aux_loss_coef: float = 0.01  # alpha of the Switch/GShard load-balancing loss
+    capacity_factor: float = None  # None: dropless; else C = ceil(cf * N * k / E) slots per expert
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
@@ -39,6 +45,16 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         get_precision(self.precision)
+        if self.experts:
+            if not 1 <= self.top_k <= self.experts or self.moe_every < 1:
+                raise ValueError(f"MoE needs 1 <= top_k <= experts and moe_every >= 1, got top_k="
+                                 f"{self.top_k}, experts={self.experts}, moe_every={self.moe_every}")
+            if self.aux_loss_coef < 0 or (self.capacity_factor is not None and self.capacity_factor <= 0):
+                raise ValueError("MoE needs aux_loss_coef >= 0 and capacity_factor > 0 (or None)")
+
+    def is_moe(self, index):
+        """Is Block `index`'s MLP a mixture of experts?"""
+        return self.experts > 0 and index % self.moe_every == self.moe_every - 1
 
 
 @dataclass
@@ -227,7 +243,11 @@ class Block(Module):
         self.ln_1 = LayerNorm(cfg.d_model, dtype)
         self.attn = CausalSelfAttention(cfg, rng, dtype)
         self.ln_2 = LayerNorm(cfg.d_model, dtype)
-        self.mlp = MLP(cfg, rng, dtype)
+        if cfg.is_moe(index):
+            from minipar.moe import MoE      # moe.py builds on this file's modules
+            self.mlp = MoE(cfg, rng, dtype)
+        else:
+            self.mlp = MLP(cfg, rng, dtype)
         self.p, self.seq_len = cfg.dropout, cfg.seq_len
         self.attn.site = 3 * index + 3                 # dropout sites: 0 embedding, then 3 per block
 
@@ -342,7 +362,12 @@ class GPT(Module):
     def loss(self, idx, targets, key=None):
         if key is None and self.cfg.dropout and self.training:
             raise ValueError("dropout > 0 in training needs a DropoutKey (seed, step, sample indices)")
-        return self.criterion(self(idx, key), targets)
+        loss = self.criterion(self(idx, key), targets)
+        if self.cfg.experts:                      # the MoE layers' load-balancing loss, gradient only
+            from minipar.moe import WithAux, aux_of
+            aux = aux_of(self.blocks)
+            loss = loss if aux is None else WithAux.apply(loss, aux)
+        return loss
 
     def num_params(self):
         return sum(p.data.size for p in self.parameters())

@@ -89,6 +89,38 @@ def run_bytes_per_rank(cfg, layout, batch, eval_samples=0, check=False):
     return parts
 
 
+def moe_param_counts(phi, n_layers, hidden, experts, top_k, moe_every=1):
+    """(total, active) Φ when every moe_every-th MLP (8h² each) becomes E experts and a router
+    (h·E): total = Φ + M·((E-1)·8h² + hE), active per token = Φ + M·((k-1)·8h² + hE),
+    M = L // moe_every MoE layers (biases left out, as in Φ)."""
+    m = n_layers // moe_every
+    router = hidden * experts
+    return (phi + m * ((experts - 1) * 8 * hidden ** 2 + router),
+            phi + m * ((top_k - 1) * 8 * hidden ** 2 + router))
+
+
+def print_moe(args, phi, dp):
+    """Parameters total vs active, model states per GPU with experts over ep (dense over N =
+    dp, experts over N/ep), and the all-to-all volume with uniform routing."""
+    h, m_layers = args.hidden, args.layers // args.moe_every
+    total, active = moe_param_counts(phi, args.layers, h, args.experts, args.top_k, args.moe_every)
+    expert = m_layers * args.experts * 8 * h ** 2               # all experts' weights
+    dense = (total - expert) / (args.tp * args.pp)              # per GPU, dense part
+    local = expert / (args.ep * args.pp)                        # per GPU: E/ep experts, whole over tp
+    print(f"Mixture of experts: E = {args.experts}, top-{args.top_k}, every {args.moe_every} MLP(s), ep = {args.ep}")
+    print(f"  total Φ {total:,.4g}  active per token {active:,.4g}  ({active / total:.1%}); "
+          f"per GPU: dense {dense:,.4g} + experts {local:,.4g} (E/ep experts, replicated over tp)")
+    print(f"  {'strategy':<18}{'GB/GPU':>8}   dense over N = {dp}, experts over N/ep = {dp // args.ep}")
+    for label, stage in STAGES[:3]:
+        nbytes = model_state_bytes_formula(dense, dp, stage, args.precision) + \
+            model_state_bytes_formula(local, dp // args.ep, stage, args.precision)
+        print(f"  {label:<18}{figure1_round(gb(nbytes)):>8}")
+    a2a = 4 * args.batch * args.seq * args.top_k * h * (args.ep - 1) / args.ep * m_layers // args.pp
+    print(f"  all-to-all per step (uniform routing): 4·b·s·k·h·(ep-1)/ep x {m_layers // args.pp} layers x m "
+          f"= {a2a * args.micro_batches:.4g} elements, "
+          f"{_fmt(gb(a2a * args.micro_batches * ACTIVATION_BYTES[args.precision]))} GB")
+
+
 def figure1_round(value):
     """One decimal, half up, no trailing '.0' (ZeRO figure 1: 120, 31.4, 16.6, 1.9)."""
     return _strip(Decimal(value).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
@@ -254,6 +286,10 @@ def build_parser():
     p.add_argument("--pp", type=_positive(int), default=1, help="pipeline-parallel degree p")
     p.add_argument("--cp", type=_positive(int), default=1, help="context-parallel degree c (N = gpus/(tp·pp·cp))")
     p.add_argument("--micro-batches", type=_positive(int), default=1, help="micro-batches m per step")
+    p.add_argument("--experts", type=_positive(int), help="MoE: E experts per MoE layer (needs the shape)")
+    p.add_argument("--top-k", type=_positive(int), default=2, help="MoE: experts per token k")
+    p.add_argument("--moe-every", type=_positive(int), default=1, help="MoE: every n-th MLP")
+    p.add_argument("--ep", type=_positive(int), default=1, help="MoE: expert-parallel degree (divides N)")
     return p
 
 
@@ -271,6 +307,11 @@ def main(argv=None):
     if given and (args.layers % args.pp or args.heads % args.tp):
         parser.error(f"need layers % pp == 0 and heads % tp == 0, got L={args.layers}, "
                      f"p={args.pp}, a={args.heads}, t={args.tp}")
+    if args.experts and not given:
+        parser.error("--experts needs the model shape (" + " ".join(f"--{n}" for n in SHAPE) + ")")
+    if args.experts and (args.experts % args.ep or args.top_k > args.experts
+                         or args.gpus is None or (args.gpus // (args.tp * args.pp)) % args.ep):
+        parser.error("MoE needs --gpus, ep dividing E and N = gpus / (tp·pp), and top-k <= E")
     phi = args.params
     if phi is None and given:
         phi = gpt_param_count(args.layers, args.hidden, args.vocab, args.seq, biases=args.biases)
@@ -290,6 +331,9 @@ def main(argv=None):
             print_activations(args, dp)
             print()
             print_communication(args, phi, dp)
+            if args.experts:
+                print()
+                print_moe(args, phi, dp)
     return 0
 
 

@@ -89,6 +89,9 @@ def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_time
         summary["trace"] = {"makespan_s": info["makespan_s"], "per_rank_busy_s": info["per_rank_busy_s"],
                             "gantt": trace.ascii_gantt(events, layout.pp)}
         summary["_events"] = events
+    if cfg.experts:                 # MoE routing statistics and all-to-all traffic (collective)
+        from minipar.parallel.expert.stats import summarize_experts
+        summary["experts"] = summarize_experts(engine, world)
     return summary
 
 
@@ -127,6 +130,9 @@ def format_summary(s):
         out.append(f"pipeline bubble (last step): measured wall {b['measured']:.3f}, "
                    f"logical {b['logical']:.3f}, formula {b['formula']:.3f}")
         out.append(s["trace"]["gantt"])
+    if s.get("experts"):
+        from minipar.parallel.expert.stats import format_experts
+        out += format_experts(s["experts"], s["batch_size"] * s["config"]["seq_len"])
     if s["parity"] is not None:
         p = s["parity"]
         verdict = "OK" if p["ok"] else "FAILED"

@@ -26,6 +26,7 @@ from minipar.dist.grid import ProcessGrid, default_layout
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 from minipar.parallel.context.model import check_context_parallel
+from minipar.parallel.expert.groups import validate_expert_layout
 from minipar.parity import ParityError
 
 PRESETS = {   # name: (n_layer, n_head, d_model)
@@ -82,6 +83,13 @@ def build_parser():
     m.add_argument("--dropout", type=float, default=0.0)
     m.add_argument("--precision", choices=("fp64", "fp32", "mixed"), default="fp64",
                    help="fp64 (default: parity to ~1e-12), fp32, or mixed (fp16 params, fp32 master)")
+    e = p.add_argument_group("mixture of experts (minipar/moe.py, parallel/expert/)")
+    e.add_argument("--experts", type=int, default=0, help="E expert MLPs per MoE layer (0: dense)")
+    e.add_argument("--top-k", type=int, default=2, help="experts per token (gates renormalised)")
+    e.add_argument("--moe-every", type=int, default=1, help="every n-th MLP is an MoE")
+    e.add_argument("--aux-loss-coef", type=float, default=0.01, help="Switch load-balancing loss alpha")
+    e.add_argument("--capacity-factor", type=float, default=None, help="drop slots over capacity (default dropless)")
+    e.add_argument("--ep", type=int, default=1, help="expert-parallel degree, carved out of dp")
     t = p.add_argument_group("training")
     t.add_argument("--data", help="train character-level on this text file instead of the built-in task")
     t.add_argument("--n-digits", type=int, default=8, help="built-in task: digits to reverse")
@@ -108,11 +116,12 @@ def build_parser():
 # Everything is checked before the first step, by every rank alike and without any
 # communication, so every rank reaches the same verdict (main() then compares them once).
 # A flag's rule goes in one of these tables; a rule between flags goes in check_flags.
-AT_LEAST_1 = ("dp", "pp", "tp", "cp", "micro_batches", "virtual_stages", "n_layer", "n_head", "d_model",
+AT_LEAST_1 = ("dp", "pp", "tp", "cp", "ep", "top_k", "moe_every",
+              "micro_batches", "virtual_stages", "n_layer", "n_head", "d_model",
               "seq_len", "vocab", "n_digits", "steps", "batch_size", "log_every", "eval_samples")
-AT_LEAST_0 = ("seed", "save_every")                       # 0 is meaningful: seed 0, no periodic save
+AT_LEAST_0 = ("seed", "save_every", "experts")                       # 0 is meaningful: seed 0, no periodic save
 POSITIVE_FLOAT = ("lr", "bucket_mb")
-NON_NEGATIVE_FLOAT = ("weight_decay", "max_norm")         # 0: no decay, no clipping
+NON_NEGATIVE_FLOAT = ("weight_decay", "max_norm", "aux_loss_coef")         # 0: no decay, no clipping
 
 
 def flag(dest):
@@ -293,12 +302,15 @@ def configure(args, world_size):
         raise UsageError(f"--d-model {d_model} is not divisible by --n-head {n_head}")
     cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
                     n_head=n_head, d_model=d_model,
-                    tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision)
+                    tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision,
+                    experts=args.experts, top_k=args.top_k, moe_every=args.moe_every,
+                    aux_loss_coef=args.aux_loss_coef, capacity_factor=args.capacity_factor)
     layout = Layout(dp=dp, pp=pp, tp=tp, cp=cp, cp_algo=args.cp_algo, sequence_parallel=args.sequence_parallel, zero=zero,
                     offload=args.offload, schedule=args.schedule, micro_batches=micro,
                     virtual_stages=virtual, bucket_bytes=int(args.bucket_mb * 2 ** 20),
-                    overlap=not args.no_overlap)
+                    overlap=not args.no_overlap, ep=args.ep)
     check_layout(cfg, layout, args.batch_size, world_size)
+    check_experts(cfg, layout)
     check_outputs(args, layout)
     check_memory(cfg, layout, args, world_size)
     if args.resume:
@@ -306,6 +318,34 @@ def configure(args, world_size):
     optim = OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                         max_norm=args.max_norm if args.max_norm > 0 else None)
     return cfg, layout, optim, task
+
+
+def check_experts(cfg, layout):
+    """The MoE / expert-parallel rules (parallel/expert/groups.py says why ep divides dp and E)."""
+    if cfg.experts and cfg.top_k > cfg.experts:
+        raise UsageError(f"--top-k {cfg.top_k} is more than --experts {cfg.experts}")
+    if cfg.capacity_factor is not None and not (math.isfinite(cfg.capacity_factor) and cfg.capacity_factor > 0):
+        raise UsageError(f"--capacity-factor must be a finite number > 0, got {cfg.capacity_factor}")
+    try:
+        validate_expert_layout(cfg.experts, layout.ep, layout.dp)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if cfg.experts and layout.sequence_parallel:
+        raise UsageError("a mixture of experts with --sequence-parallel is not supported (the MoE layer "
+                         "is replicated over tp and needs the whole sequence)")
+    if cfg.experts and layout.cp > 1:
+        raise UsageError("a mixture of experts with --cp > 1 is not supported yet (its expert groups are "
+                         "carved out of dp, not dp x cp)")
+    if cfg.experts and layout.zero == 3 and layout.world_size > 1:
+        raise UsageError("--zero 3 with a mixture of experts is not supported; use --zero 1 or 2")
+
+
+def serial_layout(cfg, layout):
+    """The serial oracle of --check: one micro-batch; an MoE run's routing statistics are per
+    global micro-batch, so its oracle runs the same global micro-batches (Layout.serial_of_dp)."""
+    if cfg.experts:
+        return Layout(micro_batches=layout.micro_batches, serial_of_dp=layout.dp)
+    return Layout(micro_batches=1)
 
 
 def agree(world, attempt, *args):
@@ -369,7 +409,7 @@ def main(argv=None, world=None):
     grid = ProcessGrid(world, layout.dp, layout.pp, layout.tp, layout.cp) if world.size > 1 else None
     tracer = report.make_tracer(grid.pp_rank) if layout.pp > 1 else None
     engine = Engine(cfg, layout, optim, args.seed, grid, tracer, device=args.device)
-    serial = Engine(cfg, Layout(micro_batches=1), optim, args.seed, device=args.device) if args.check else None
+    serial = Engine(cfg, serial_layout(cfg, layout), optim, args.seed, device=args.device) if args.check else None
     checker = world.using(ledger=CommLedger(), name="check")   # verdict traffic kept out of the run's ledger
     say(report.header(cfg, layout, optim, task, grid, engine), flush=True)
 

@@ -3,7 +3,8 @@
 A `Group` wraps one MPI communicator: the whole job (`Group.world()`) or a
 sub-group made by `split` (the tp, pp, dp groups of a ProcessGrid). Its
 methods take and return arrays and call mpi4py's uppercase buffer methods
-(Allreduce, Reduce_scatter_block, Allgather, Alltoall, Bcast, Send/Recv, Sendrecv).
+(Allreduce, Reduce_scatter_block, Allgather, Bcast, Send/Recv, Sendrecv, and
+Alltoall / Alltoallv for expert parallelism's token dispatch).
 
 Each call is recorded in the group's `CommLedger` (dist/ledger.py): op, group,
 dtype, elements and the bytes this rank sends under a ring algorithm.
@@ -241,6 +242,24 @@ class Group:
             self.wire.write_back(x, buf)
         self._record("broadcast", x)
         return x
+
+    def all_to_all_v(self, x, send_counts, recv_counts):
+        """Variable all-to-all of rows: x (sum(send_counts), ...) is cut in rank order, its first
+        send_counts[r] rows go to rank r; returns (sum(recv_counts), ...), the recv_counts[s]
+        rows from rank s, in rank order. Both count vectors are known beforehand (exchange
+        them with all_to_all first). Always MPI's Alltoallv.
+        Ledger: the bytes of the rows sent to the *other* ranks, sum_{r != me} send_counts[r] * row."""
+        send = self.wire.out(x)
+        row = send[0].nbytes if send.shape[0] else send.dtype.itemsize * int(np.prod(send.shape[1:]))
+        out = self.wire.empty(x, (int(np.sum(recv_counts)),) + tuple(send.shape[1:]), send.dtype)
+        sc, rc = np.asarray(send_counts, np.int64) * row, np.asarray(recv_counts, np.int64) * row
+        sd, rd = np.concatenate([[0], np.cumsum(sc)[:-1]]), np.concatenate([[0], np.cumsum(rc)[:-1]])
+        self.comm.Alltoallv([raw(send), (sc.tolist(), sd.tolist()), MPI.BYTE],
+                            [raw(out), (rc.tolist(), rd.tolist()), MPI.BYTE])
+        others = int(sc.sum() - sc[self.rank])
+        self.ledger.record("all_to_all_v", self.name, str(x.dtype), int(send.size),
+                           others)
+        return self.wire.back(out, x)
 
     def send(self, x, dest, tag=0):
         """Blocking send of x to group rank dest. Ledger: S = x.nbytes."""

@@ -11,6 +11,9 @@ dtype, elements and the bytes THIS rank sends if the collective runs as a ring
                                           in all, shared by the n ranks
     all_to_all              (n-1)/n * S   S = this rank's buffer; n-1 of its n blocks leave
     send, isend, sendrecv         S
+    all_to_all              (n-1)/n * S   S = the whole send buffer, n equal blocks
+    all_to_all_v                  sum over the other ranks r of the bytes sent to r
+                                          (variable blocks: recorded by the caller)
     recv, irecv, barrier          0
     object, scalar                0       control traffic (pickled metadata, verdict
                                           flags): listed, but kept out of the volume

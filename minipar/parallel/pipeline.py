@@ -33,6 +33,7 @@ from minipar.autograd import Tensor, no_grad, track_saved
 from minipar.backend import array_module, to_device
 from minipar.dist.comm import RING_TAG
 from minipar.memory import MemoryLedger
+from minipar.moe import AttachAux, WithAux, aux_of
 from minipar.parallel import schedules
 from minipar.parallel.stages import build_stages, is_tied, stage_owner
 from minipar.trace import Tracer, summary
@@ -175,6 +176,10 @@ class Pipeline:
         if not stage.is_first:
             x = run.inputs[a.mb, a.chunk]                         # (b, T, C), received
         out = stage(x, key, y if stage.is_last else None)
+        aux = aux_of(stage.blocks)                # MoE: this stage's load-balancing loss joins backward
+        if aux is not None:
+            out = WithAux.apply(out, aux) if stage.is_last else \
+                AttachAux.apply(out, aux, seed=run.loss_scale / len(run.micro))
         if stage.is_last:
             run.loss_sum += out.item()
         run.outputs[a.mb, a.chunk] = out

@@ -43,6 +43,7 @@ from minipar import nn, ops
 from minipar.backend import array_module
 from minipar.autograd import Function
 from minipar.nn import GPT, Block, Parameter, ShardSpec
+from minipar.moe import MoE
 from minipar.parallel.sequence_parallel import (GatherLinear, ReduceScatterSeq, SequenceParallelLayerNorm,
                                                 add_bias, check_divisible, cut_key, positions)
 from minipar.parallel.vocab_parallel import (VocabParallelEmbedding, vocab_parallel_argmax,
@@ -201,7 +202,8 @@ class TensorParallelBlock(Block):
         self.ln_1 = layer_norm(block.ln_1, group, sequence_parallel)
         self.attn = parallel_attention(block.attn, group, sequence_parallel)
         self.ln_2 = layer_norm(block.ln_2, group, sequence_parallel)
-        self.mlp = parallel_mlp(block.mlp, group, sequence_parallel)
+        # an MoE layer stays whole on every tp rank (replicated; expert parallelism cuts it over dp)
+        self.mlp = block.mlp if isinstance(block.mlp, MoE) else parallel_mlp(block.mlp, group, sequence_parallel)
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x, key=None):
