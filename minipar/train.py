@@ -83,7 +83,8 @@ def build_parser():
     o.add_argument("--eval-samples", type=int, default=256)
     o.add_argument("--check", action="store_true", help="compare against the serial run every step")
     o.add_argument("--report", help="write a JSON report to this path")
-    o.add_argument("--trace", help="draw the pipeline Gantt chart to this PNG (needs matplotlib)")
+    o.add_argument("--trace", help="write the last step's timeline: x.json = Chrome trace (any layout; "
+                                   "Perfetto, chrome://tracing), x.png = pipeline Gantt (pp > 1, matplotlib)")
     o.add_argument("--save", metavar="DIR", help="write a checkpoint here at the end (atomically)")
     o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     o.add_argument("--resume", metavar="DIR", help="continue from this checkpoint (any layout)")
@@ -166,7 +167,7 @@ def validate(cfg, layout, batch, world_size):
 
 
 def main(argv=None):
-    world = Group.world(ledger=CommLedger())
+    world = Group.world(ledger=CommLedger(clock=time.perf_counter))   # calls timed: --trace out.json
     say = print if world.rank == 0 else (lambda *a, **k: None)
     try:
         args = build_parser().parse_args(argv)
@@ -230,8 +231,8 @@ def main(argv=None):
         from minipar import checkpoint
         checkpoint.save(args.save, engine, len(losses) + first, world)
         say(f"checkpoint written to {args.save}", flush=True)
-    if args.trace and tracer is not None and world.rank == 0:
-        report.save_trace_png(summary, args.trace)
+    if args.trace and step_times:       # .json: Chrome trace (any layout); else a PNG Gantt (pp > 1)
+        say(report.save_trace(args.trace, summary, world, grid, tracer, (step, t0, t0 + step_times[-1])))
     if args.report and world.rank == 0:
         report.write_json(summary, args.report)
         say(f"report written to {args.report}")
