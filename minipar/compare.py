@@ -55,20 +55,22 @@ DEVICE_COUNTS = (8, 64, 512)
 #   name, layout on 8 ranks (scaled down for fewer; micro_batches defaults to 2*pp),
 #   scale (caps of tp / pp when the devices grow; dp takes the rest), the seed's words for
 #   memory efficiency / communication cost / implementation complexity, its modules (minipar.*)
+DP_FILES = ("parallel.data_parallel",)
 PP_FILES = ("parallel.pipeline", "parallel.schedules", "parallel.stages")
 TP_FILES = ("parallel.tensor_parallel", "parallel.sequence_parallel", "parallel.vocab_parallel")
 ZERO_FILES = ("parallel.zero", "parallel.flat")
-THREE_D_FILES = ("parallel.data_parallel", "dist.grid") + TP_FILES + PP_FILES + ZERO_FILES
+OFFLOAD_FILES = ZERO_FILES + ("parallel.offload",)
+THREE_D_FILES = DP_FILES + ("dist.grid",) + TP_FILES + PP_FILES + ZERO_FILES
 RUNS = [
-    ("DP",         dict(dp=8),                                     {},              "Low",    "Medium", "Low",    ("parallel.data_parallel",)),
-    ("TP",         dict(tp=8),                                     dict(tp=8),      "High",   "High",   "High",   TP_FILES),
-    ("PP",         dict(pp=8, schedule="1f1b"),                    dict(pp=64),     "Medium", "Low",    "Medium", PP_FILES),
-    ("3D",         dict(dp=2, pp=2, tp=2, schedule="1f1b", zero=1), dict(tp=8, pp=8), "High",  "Medium", "High",   THREE_D_FILES),
-    ("ZeRO-1",     dict(dp=8, zero=1),                             {},              "Medium", "Medium", "Low",    ZERO_FILES),
-    ("ZeRO-2",     dict(dp=8, zero=2),                             {},              "Medium", "Medium", "Medium", ZERO_FILES),
-    ("ZeRO-3",     dict(dp=8, zero=3),                             {},              "High",   "High",   "Medium", ZERO_FILES),
-    ("ZeRO-3 m=1", dict(dp=8, zero=3, micro_batches=1),            {},              "High",   "High",   "Medium", ZERO_FILES),
-    ("Offload",    dict(dp=8, zero=2, offload=True),               {},              "High",   "Medium", "Medium", ZERO_FILES + ("parallel.offload",)),
+    ("DP",         dict(dp=8),                                      {},               "Low",    "Medium", "Low",    DP_FILES),
+    ("TP",         dict(tp=8),                                      dict(tp=8),       "High",   "High",   "High",   TP_FILES),
+    ("PP",         dict(pp=8, schedule="1f1b"),                     dict(pp=64),      "Medium", "Low",    "Medium", PP_FILES),
+    ("3D",         dict(dp=2, pp=2, tp=2, schedule="1f1b", zero=1), dict(tp=8, pp=8), "High",   "Medium", "High",   THREE_D_FILES),
+    ("ZeRO-1",     dict(dp=8, zero=1),                              {},               "Medium", "Medium", "Low",    ZERO_FILES),
+    ("ZeRO-2",     dict(dp=8, zero=2),                              {},               "Medium", "Medium", "Medium", ZERO_FILES),
+    ("ZeRO-3",     dict(dp=8, zero=3),                              {},               "High",   "High",   "Medium", ZERO_FILES),
+    ("ZeRO-3 m=1", dict(dp=8, zero=3, micro_batches=1),             {},               "High",   "High",   "Medium", ZERO_FILES),
+    ("Offload",    dict(dp=8, zero=2, offload=True),                {},               "High",   "Medium", "Medium", OFFLOAD_FILES),
 ]
 
 
@@ -146,7 +148,8 @@ def add_columns(results, runs=RUNS):
     for r in results:
         lay, scale, words, files = by_name[r["name"]]
         phis = [largest_model(lay, scale, n) for n in DEVICE_COUNTS]
-        r.update(memory=r["model_state"] + r["activation"], memory_x_dp=(r["model_state"] + r["activation"]) / dp_memory,
+        memory = r["model_state"] + r["activation"]
+        r.update(memory=memory, memory_x_dp=memory / dp_memory,
                  sent_x_dp=r["sent"] / dp["sent"] if dp["sent"] else None, lines=code_lines(files),
                  largest_model={str(n): phi for n, phi in zip(DEVICE_COUNTS, phis)},
                  words={"memory efficiency": words[0], "communication cost": words[1],

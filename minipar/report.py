@@ -153,7 +153,8 @@ def save_trace(path, summary, world, grid, tracer, last_step):
             trace.write_chrome_trace(timeline, path, f"minipar step {last_step[0]}")
         return f"trace written to {path} (Chrome trace-event JSON: open in ui.perfetto.dev or chrome://tracing)"
     if "_events" not in summary:
-        return f"no pipeline (pp = 1): no Gantt to draw; nothing written to {path} (--trace out.json works for any layout)"
+        return (f"no pipeline (pp = 1): no Gantt to draw, nothing written to {path} "
+                f"(a .json trace works for any layout)")
     if world.rank == 0:
         labels = trace.row_labels(grid.pp_group.ranks, summary["layout"]["virtual_stages"])
         save_trace_png(summary, path, labels)

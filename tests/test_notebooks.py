@@ -31,6 +31,7 @@ def outputs(nb):
     return "".join(texts)
 
 
+@pytest.mark.timeout(600)                  # a cluster start and a whole tutorial, on a busy 2-core machine
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
 def test_tutorial_runs_as_a_notebook_on_its_ranks(path, tmp_path):
     for module in ("ipyparallel", "jupytext", "nbclient", "ipykernel"):

@@ -91,7 +91,7 @@ def stop_cluster(path) -> None:
     cluster.stop_cluster_sync()
 
 
-def execute(nb, cwd, timeout: int = 600):
+def execute(nb, cwd, timeout: int = 300):
     """Run every cell with nbclient in a fresh python3 kernel; raises CellExecutionError
     (with the failing cell's traceback, every engine's) if a cell fails."""
     from nbclient import NotebookClient
