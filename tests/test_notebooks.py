@@ -31,7 +31,9 @@ def outputs(nb):
     return "".join(texts)
 
 
-@pytest.mark.timeout(600)                  # a cluster start and a whole tutorial, on a busy 2-core machine
+# a cluster start and a whole tutorial on a busy 2-core machine; longer than a cell's timeout
+# (300 s), so a stuck cell fails inside the test and its engines are still stopped
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
 def test_tutorial_runs_as_a_notebook_on_its_ranks(path, tmp_path):
     for module in ("ipyparallel", "jupytext", "nbclient", "ipykernel"):
@@ -39,6 +41,8 @@ def test_tutorial_runs_as_a_notebook_on_its_ranks(path, tmp_path):
     nb_mod = converter()
     n = nb_mod.ranks(path)
     nb = nb_mod.to_notebook(path)
+    if n is not None:
+        nb_mod.stop_cluster(path)           # leftovers of a run that was killed, if any
     try:
         nb_mod.execute(nb, tmp_path)        # raises CellExecutionError on any failed assertion, any rank
     finally:
