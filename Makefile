@@ -17,7 +17,7 @@ export MKL_NUM_THREADS      := 1
 
 STRATEGIES := dp tp pp zero offload 3d cp ep
 
-.PHONY: help install train compare plan test test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
+.PHONY: help install train compare plan test test-notebooks notebooks test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
 
 help:  ## list the targets
 	@echo "minipar make targets (variables: PY=$(PY) MPIEXEC=$(MPIEXEC) NP=$(NP))"
@@ -31,6 +31,8 @@ help:  ## list the targets
 	@echo "  test-dp test-tp test-pp test-zero test-offload test-3d test-cp test-ep"
 	@echo "                one strategy's tests (serial + MPI), e.g. as a grader"
 	@echo "  tutorials     run every tutorials/NN_*.py (rank count from its first line)"
+	@echo "  test-notebooks  every tutorial as a notebook on its MPI ranks (installs minipar[notebook])"
+	@echo "  notebooks     write every tutorial as notebooks/NN_*.ipynb (MPI engines via ipyparallel)"
 	@echo "  bench         benchmarks/run.py"
 	@echo "  compare       python -m minipar.compare on 8 ranks: the comparison table, measured"
 	@echo "  plan          python -m minipar.plan --params 7.5e9 --gpus 64"
@@ -47,13 +49,13 @@ $(VENV): setup.cfg pyproject.toml
 train: $(VENV)
 	$(MPIEXEC) -n 8 $(MPIPY) -m minipar.train
 
-# serial first (fast failures), then MPI, then the tutorials, in that order
+# serial first (fast failures), then MPI, then the tutorials (as notebooks on MPI engines), in that order
 test: $(VENV)
-	$(PY) $(PYTEST) -m "not mpi"
+	$(PY) $(PYTEST) -m "not mpi and not notebook"
 	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m mpi
 	@echo "== the MPI parity suite again, on minipar.strict (a CPU stand-in that enforces CuPy's rules)"
 	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m mpi --device strict
-	$(MAKE) tutorials
+	$(MAKE) test-notebooks
 
 # on a machine with a GPU and CuPy (pip install -e '.[gpu]'): the parity suite with CuPy arrays,
 # ranks sharing the GPU, then a short training run on it
@@ -67,7 +69,7 @@ bench-gpu: $(VENV)
 	$(MPIEXEC) -n 4 $(MPIPY) benchmarks/bench_device.py --device gpu
 
 test-serial: $(VENV)
-	$(PY) $(PYTEST) -m "not mpi"
+	$(PY) $(PYTEST) -m "not mpi and not notebook"
 
 test-mpi: $(VENV)
 	timeout 1200 $(MPIEXEC) -n $(NP) $(MPIPY) $(PYTEST) -m mpi
@@ -92,6 +94,19 @@ tutorials: $(VENV)
 	  fi; \
 	done
 
+# the tutorials as notebooks (tutorials/notebook.py): each on the ranks its first line names, as
+# ipyparallel MPI engines started with the venv's mpiexec; every cell runs on all of them (%%px)
+NOTEBOOK_EXTRA := .venv/.notebook
+$(NOTEBOOK_EXTRA): $(VENV) setup.cfg
+	$(PY) -m pip install -e '.[notebook]'
+	touch $@
+
+test-notebooks: $(NOTEBOOK_EXTRA)  ## every tutorial executed as a notebook with nbclient, on its MPI ranks
+	timeout 1200 $(PY) $(PYTEST) -m notebook tests/test_notebooks.py
+
+notebooks: $(NOTEBOOK_EXTRA)  ## write notebooks/NN_*.ipynb; open them with jupyter (pip install jupyterlab)
+	$(PY) tutorials/notebook.py tutorials/[0-9][0-9]_*.py --out notebooks
+
 bench: $(VENV)
 	$(PY) benchmarks/run.py
 
@@ -102,5 +117,5 @@ plan: $(VENV)  ## the ZeRO paper's memory figure, computed
 	$(PY) -m minipar.plan --params 7.5e9 --gpus 64
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache .hypothesis out reports
+	rm -rf .venv build *.egg-info .pytest_cache .hypothesis out reports notebooks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -144,9 +144,28 @@ def format_summary(s):
     return "\n".join(out)
 
 
-def save_trace_png(summary, path):
+def save_trace_png(summary, path, labels=None):
     from minipar import trace
-    trace.save_png(summary["_events"], path, "pipeline schedule, last step")
+    return trace.save_png(summary["_events"], path, "pipeline schedule, last step", labels)
+
+
+def save_trace(path, summary, world, grid, tracer, last_step):
+    """--trace: `path` ending in .json -> the Chrome trace of the last step (every layout;
+    collective over world); else the PNG Gantt of rank 0's pipeline (pp > 1, matplotlib).
+    `last_step` = (index, start, end) on time.perf_counter. Returns the line to print."""
+    from minipar import trace
+    if path.endswith(".json"):
+        timeline = trace.gather_timeline(world, grid, tracer, world.ledger, last_step)
+        if world.rank == 0:
+            trace.write_chrome_trace(timeline, path, f"minipar step {last_step[0]}")
+        return f"trace written to {path} (Chrome trace-event JSON: open in ui.perfetto.dev or chrome://tracing)"
+    if "_events" not in summary:
+        return (f"no pipeline (pp = 1): no Gantt to draw, nothing written to {path} "
+                f"(a .json trace works for any layout)")
+    if world.rank == 0:
+        labels = trace.row_labels(grid.pp_group.ranks, summary["layout"]["virtual_stages"])
+        save_trace_png(summary, path, labels)
+    return f"trace written to {path} (PNG Gantt of the last step, the pipeline of world rank 0)"
 
 
 def write_json(summary, path):

@@ -12,6 +12,11 @@ schedules.bubble_fraction), `ascii_gantt` (wall time bucketed into columns), `sa
 (a matplotlib Gantt; matplotlib is optional) and `summary`, which sets the measured
 bubble next to the logical one (the executed action lists replayed with unit durations)
 and the closed-form formula of the schedule.
+
+`gather_timeline` + `write_chrome_trace` write one step as a Chrome trace-event JSON
+(`--trace out.json`; opens in ui.perfetto.dev and chrome://tracing) for any layout: one
+process per world rank, a track for the step, one per pipeline stage it holds, and one for
+its communication calls, timed by a comm ledger with a clock (dist/ledger.py).
 """
 from __future__ import annotations
 
@@ -20,9 +25,6 @@ from contextlib import contextmanager
 
 from minipar.parallel import schedules
 from minipar.parallel.schedules import COMPUTE_OPS, Action, Event
-
-COLORS = {"F": "tab:blue", "B": "tab:green", "W": "tab:orange"}
-
 
 class Tracer:
     """Collects one rank's Events; times are seconds since this tracer's t0.
@@ -78,9 +80,35 @@ def ascii_gantt(events: list[Event], p: int, width: int = 60) -> str:
     return header + "\n" + schedules.ascii_gantt(events, p, width)
 
 
-def save_png(events: list[Event], path: str, title: str = "") -> None:
-    """Draw the Gantt (one lane per rank, F/B/W coloured, micro-batch numbers inside)
-    to `path`. Needs matplotlib, imported only here."""
+def row_labels(world_ranks, v: int = 1) -> list[str]:
+    """Gantt row names for a pipeline whose pp ranks are the world ranks `world_ranks`:
+    pipeline rank r holds virtual stages r, r + p, ... (stages.virtual_stage)."""
+    p = len(world_ranks)
+    return [f"stage{'s' if v > 1 else ''} {','.join(str(c * p + r) for c in range(v))} · world rank {w}"
+            for r, w in enumerate(world_ranks)]
+
+
+def fits(label: str, width_px: float, fontsize: float, dpi: float) -> bool:
+    """Whether `label` fits inside a bar `width_px` pixels wide (about 0.6 em per character)."""
+    return width_px >= (len(label) * 0.6 + 0.4) * fontsize * dpi / 72
+
+
+def bar_color(mb: int, chunk: int, v: int):
+    """Micro-batch mb's colour (tab10 hues, cycling); later chunks of the same micro-batch lighter."""
+    from matplotlib import colormaps
+    r, g, b, _ = colormaps["tab10"](mb % 10)
+    light = 0.55 * chunk / max(v - 1, 1)          # 0 for chunk 0, 0.55 for the last chunk
+    return (r + (1 - r) * light, g + (1 - g) * light, b + (1 - b) * light)
+
+
+HATCH = {"F": "", "B": "///", "W": "..."}
+
+
+def save_png(events: list[Event], path: str, title: str = "", labels: list[str] | None = None) -> str:
+    """Draw the Gantt to `path` and return the path: one row per pipeline rank (named by
+    `labels`, default "stage r"), time from 0 in ms, colour per micro-batch, lighter per later
+    chunk, hatch per op (F plain, B ///, W ...), a label "F3" only where it fits. Needs
+    matplotlib, imported only here."""
     try:
         from matplotlib.figure import Figure   # no pyplot: no global figure state
         from matplotlib.patches import Patch
@@ -88,22 +116,33 @@ def save_png(events: list[Event], path: str, title: str = "") -> None:
         raise ImportError("save_png needs matplotlib: pip install minipar[plot]") from err
     compute = [e for e in events if e.op in COMPUTE_OPS]
     p = max(e.rank for e in compute) + 1
-    fig = Figure(figsize=(12, 0.6 * p + 1.2))
+    v = max(e.chunk for e in compute) + 1
+    origin = min(e.start for e in compute)
+    span_ms = (max(e.end for e in compute) - origin) * 1e3
+    labels = labels or [f"stage {r}" for r in range(p)]
+    present = sorted({e.op for e in compute}, key="FBW".index)
+    handles = [Patch(facecolor="white", edgecolor="black", hatch=HATCH[op], label=op) for op in present]
+    handles += [Patch(color=bar_color(0, c, v), label=f"chunk {c} (mb 0)") for c in range(v)] if v > 1 else []
+    fig = Figure(figsize=(12, 0.6 * p + 1.4), dpi=100)
     ax = fig.subplots()
-    for e in compute:
-        ax.broken_barh([(e.start, e.end - e.start)], (e.rank - 0.4, 0.8),
-                       facecolors=COLORS[e.op], edgecolors="white", linewidth=0.5)
-        label = f"{e.mb}" + (f".{e.chunk}" if e.chunk else "")
-        ax.text((e.start + e.end) / 2, e.rank, label, ha="center", va="center", fontsize=7)
-    ax.set_yticks(range(p), [f"rank {r}" for r in range(p)])
-    ax.invert_yaxis()                            # rank 0 on top, as in ascii_gantt
-    ax.set_xlabel("time (s)")
+    ax.set_xlim(0, span_ms)
+    ax.set_ylim(p - 0.5, -0.5)                   # stage 0 on top, as in ascii_gantt
+    ax.set_yticks(range(p), labels)
+    ax.set_xlabel("time since the step's first action (ms)")
     ax.set_title(title)
-    present = {e.op for e in compute}
-    ax.legend(handles=[Patch(color=c, label=op) for op, c in COLORS.items() if op in present],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0))          # outside, right of the lanes
-    fig.tight_layout()
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+              title="colour = micro-batch", fontsize=7, title_fontsize=7)
+    fig.tight_layout()                           # the final layout: now bar widths in pixels are known
+    px_per_ms = ax.get_window_extent().width / span_ms
+    for e in compute:
+        start, width = (e.start - origin) * 1e3, (e.end - e.start) * 1e3
+        ax.broken_barh([(start, width)], (e.rank - 0.4, 0.8), facecolors=bar_color(e.mb, e.chunk, v),
+                       edgecolors="black", linewidth=0.3, hatch=HATCH[e.op])
+        label = f"{e.op}{e.mb}"
+        if fits(label, width * px_per_ms, 7, fig.dpi):
+            ax.text(start + width / 2, e.rank, label, ha="center", va="center", fontsize=7)
     fig.savefig(path)
+    return path
 
 
 def summary(events: list[Event], p: int, schedule: str, m: int, v: int = 1,
@@ -126,3 +165,78 @@ def summary(events: list[Event], p: int, schedule: str, m: int, v: int = 1,
         "makespan_s": max(e.end for e in compute) - min(e.start for e in compute),
         "per_rank_busy_s": [sum(e.end - e.start for e in compute if e.rank == r) for r in range(p)],
     }
+
+
+# ---- Chrome trace-event format (Perfetto, chrome://tracing) ------------------------------
+STEP_TID, COMM_TID = 0, 100       # track ids of a rank's step span and its communication calls
+
+
+def gather_timeline(world, grid, tracer, ledger, step: tuple) -> list[dict]:
+    """Every world rank's timeline of one step, on every rank (collective over `world`).
+    `step` = (index, start, end) in wall-clock seconds. Per rank: its grid coordinates, its
+    pipeline actions (`tracer`, None without a pipeline) and the communication calls its
+    `ledger` stamped (a ledger with a clock) that began within the step. Times are the
+    clock's absolute seconds: tracer and ledger must share one clock (time.perf_counter)."""
+    _, since, until = step
+    compute = [] if tracer is None else [(e.op, e.mb, e.chunk, e.start + tracer.t0, e.end + tracer.t0)
+                                         for e in tracer.events if since <= e.start + tracer.t0 <= until]
+    comm = [(e.op, e.group, e.dtype, e.elements, e.bytes, e.start, e.end)
+            for e in ledger.entries if e.start is not None and since <= e.start <= until]
+    mine = {"rank": world.rank, "coords": None if grid is None else (grid.dp_rank, grid.pp_rank, grid.tp_rank),
+            "pp": 1 if grid is None else grid.pp, "compute": compute, "comm": comm, "step": step}
+    # allgather (pickled objects) over world: each rank's actions and comm calls of one step,
+    # a few numbers each; every rank receives every rank's dict
+    return world.allgather_object(mine) if world.size > 1 else [mine]
+
+
+def chrome_trace(timeline: list[dict], title: str = "") -> dict:
+    """The Trace Event Format's JSON object form: {"traceEvents": [...], ...}. One process
+    (pid) per world rank, named with its grid coordinates; in it one track (tid) for the step,
+    one per pipeline stage the rank holds (F/B/W and the executor's SEND/RECV waits) and one
+    for communication (every ledger call: op, group, bytes). Complete events ('X'): ts and
+    dur in microseconds from the earliest event; metadata events ('M') name the tracks."""
+    origin = min(r["step"][1] for r in timeline)
+
+    def us(t):
+        return round((t - origin) * 1e6, 3)
+
+    events = []
+    for r in timeline:
+        pid, (d, p, t) = r["rank"], r["coords"] or (0, 0, 0)
+
+        def meta(name, tid, args):
+            events.append({"name": name, "ph": "M", "ts": 0, "pid": pid, "tid": tid, "args": args})
+
+        def span(name, cat, tid, start, end, args):
+            events.append({"name": name, "cat": cat, "ph": "X", "ts": us(start), "dur": round((end - start) * 1e6, 3),
+                           "pid": pid, "tid": tid, "args": args})
+
+        meta("process_name", STEP_TID, {"name": f"rank {pid} (dp {d}, pp {p}, tp {t})"})
+        meta("process_sort_index", STEP_TID, {"sort_index": pid})
+        meta("thread_name", STEP_TID, {"name": "step"})
+        meta("thread_name", COMM_TID, {"name": "communication"})
+        index, start, end = r["step"]
+        span(f"step {index}", "step", STEP_TID, start, end, {"step": index})
+        for chunk in sorted({e[2] for e in r["compute"]}):
+            stage = chunk * r["pp"] + p                              # stages.virtual_stage
+            meta("thread_name", 1 + chunk, {"name": f"stage {stage}" + (f" (chunk {chunk})" if chunk else "")})
+            meta("thread_sort_index", 1 + chunk, {"sort_index": 1 + chunk})
+        for op, mb, chunk, start, end in r["compute"]:
+            span(f"{op}{mb}", "compute" if op in COMPUTE_OPS else "pipeline p2p", 1 + chunk, start, end,
+                 {"micro_batch": mb, "chunk": chunk, "stage": chunk * r["pp"] + p})
+        for op, group, dtype, elements, nbytes, start, end in r["comm"]:
+            span(f"{op} {group}", "comm", COMM_TID, start, end,
+                 {"group": group, "dtype": dtype, "elements": elements, "bytes_sent": nbytes})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"title": title, "time_origin": "the earliest event of the traced step"}}
+
+
+def write_chrome_trace(timeline: list[dict], path: str, title: str = "") -> str:
+    """Write chrome_trace(timeline) as JSON to `path` (open it in ui.perfetto.dev or
+    chrome://tracing); returns the path."""
+    import json
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(chrome_trace(timeline, title), f)
+    return path

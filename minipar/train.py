@@ -105,7 +105,8 @@ def build_parser():
     o.add_argument("--eval-samples", type=int, default=256)
     o.add_argument("--check", action="store_true", help="compare against the serial run every step")
     o.add_argument("--report", help="write a JSON report to this path")
-    o.add_argument("--trace", help="draw the pipeline Gantt chart to this PNG (needs matplotlib)")
+    o.add_argument("--trace", help="write the last step's timeline: x.json = Chrome trace (any layout; "
+                                   "Perfetto, chrome://tracing), x.png = pipeline Gantt (pp > 1, matplotlib)")
     o.add_argument("--save", metavar="DIR", help="write a checkpoint here at the end (atomically)")
     o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at the end only)")
     o.add_argument("--resume", metavar="DIR", help="continue from this checkpoint (any layout)")
@@ -228,11 +229,13 @@ def check_outputs(args, layout):
             raise UsageError(f"{flag(dest)} {path}: the directory {parent} does not exist")
         if not checkpoint.writable_dir(parent) or (os.path.exists(path) and not os.access(path, os.W_OK)):
             raise UsageError(f"{flag(dest)} {path} is not writable")
-    if args.trace:
-        if layout.pp == 1:
-            raise UsageError("--trace draws the pipeline schedule: this layout has no pipeline (--pp 1)")
+    if args.trace and not args.trace.endswith(".json"):     # a Chrome trace works for every layout
         if not args.trace.endswith(".png"):
-            raise UsageError(f"--trace {args.trace}: the Gantt chart is written as PNG (name it *.png)")
+            raise UsageError(f"--trace {args.trace}: name it *.json (Chrome trace, any layout) "
+                             f"or *.png (pipeline Gantt)")
+        if layout.pp == 1:
+            raise UsageError(f"--trace {args.trace}: the PNG Gantt draws the pipeline schedule and this "
+                             f"layout has no pipeline (--pp 1); a *.json trace works for any layout")
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError(f"--trace {args.trace} needs matplotlib (pip install matplotlib)")
 
@@ -393,7 +396,7 @@ def diverged(engine, loss, step, skipped):
 def main(argv=None, world=None):
     """The job on `world` (default: every rank); returns its exit code, the same on every rank:
     0 done, 1 parity failed (--check), 2 bad input (EXIT_USAGE), 3 diverged (EXIT_DIVERGED)."""
-    world = world if world is not None else Group.world(ledger=CommLedger())
+    world = world if world is not None else Group.world(ledger=CommLedger(clock=time.perf_counter))  # timed: --trace out.json
     say = print if world.rank == 0 else (lambda *a, **k: None)
 
     def error(message, code=EXIT_USAGE):
@@ -458,8 +461,8 @@ def main(argv=None, world=None):
     if args.save:
         checkpoint.save(args.save, engine, len(losses) + first, world)
         say(f"checkpoint written to {args.save}", flush=True)
-    if args.trace and world.rank == 0:
-        report.save_trace_png(summary, args.trace)
+    if args.trace and step_times:       # .json: Chrome trace (any layout); else a PNG Gantt (pp > 1)
+        say(report.save_trace(args.trace, summary, world, grid, tracer, (step, t0, t0 + step_times[-1])))
     if args.report and world.rank == 0:
         report.write_json(summary, args.report)
         say(f"report written to {args.report}")

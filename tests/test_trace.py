@@ -1,10 +1,16 @@
 """trace.py on synthetic events: span timing, gather onto one clock, bubble arithmetic,
-wall-time Gantt, summary, PNG (skipped without matplotlib). Serial, no MPI."""
+wall-time Gantt, summary, PNG (skipped without matplotlib), and the Chrome trace-event JSON
+checked against the format's required fields. Serial (one-rank groups only)."""
+import json
+import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from minipar import trace
+from minipar.dist.comm import CommEntry, CommLedger, Group
 from minipar.parallel import schedules
 from minipar.parallel.schedules import Event
 
@@ -110,3 +116,114 @@ def test_save_png_without_matplotlib_says_what_to_install(monkeypatch, tmp_path)
         monkeypatch.setitem(sys.modules, module, None)      # makes importing it fail
     with pytest.raises(ImportError, match=r"pip install minipar\[plot\]"):
         trace.save_png([Event(0, "F", 0, 0, 0.0, 1.0)], str(tmp_path / "x.png"))
+
+
+# ---- Chrome trace-event JSON (--trace out.json) -------------------------------------------
+PHASES = {"X", "B", "E", "i", "I", "M", "C", "b", "e", "n", "s", "t", "f"}    # the format's phases in use
+METADATA = {"process_name", "thread_name", "process_sort_index", "thread_sort_index", "process_labels"}
+
+
+def check_trace_event_format(doc):
+    """The Trace Event Format's required fields (the JSON Object Format): a "traceEvents"
+    list; every event has name (str), ph (a known phase), ts (µs, a number), pid and tid
+    (ints); complete events ('X') a dur >= 0; metadata events ('M') a known name and args.
+    Every track that has events is named, as is every process."""
+    assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list) and doc["traceEvents"]
+    assert doc.get("displayTimeUnit", "ms") in ("ms", "ns")
+    named_threads, named_processes, used = set(), set(), set()
+    for e in doc["traceEvents"]:
+        assert isinstance(e["name"], str) and e["ph"] in PHASES, e
+        assert isinstance(e["ts"], (int, float)) and not isinstance(e["ts"], bool), e
+        assert isinstance(e["pid"], int) and isinstance(e["tid"], int), e
+        if e["ph"] == "X":
+            assert isinstance(e["dur"], (int, float)) and e["dur"] >= 0 and e["ts"] >= 0, e
+            used.add((e["pid"], e["tid"]))
+        if e["ph"] == "M":
+            assert e["name"] in METADATA and isinstance(e["args"], dict), e
+            if e["name"] == "thread_name":
+                named_threads.add((e["pid"], e["tid"]))
+            if e["name"] == "process_name":
+                named_processes.add(e["pid"])
+    assert used <= named_threads and {pid for pid, _ in used} <= named_processes
+
+
+def synthetic_timeline():
+    """Two world ranks of an interleaved pipeline (p = 2, v = 2), at absolute clock 100 s."""
+    t = 100.0
+    return [{"rank": 0, "coords": (0, 0, 0), "pp": 2, "step": (7, t, t + 0.010),
+             "compute": [("F", 0, 0, t + 0.001, t + 0.002), ("F", 0, 1, t + 0.004, t + 0.005),
+                         ("SEND_F", 0, 0, t + 0.002, t + 0.0021)],
+             "comm": [("isend", "pp", "float64", 64, 512, t + 0.002, t + 0.0021),
+                      ("all_reduce", "dp", "float64", 100, 800, t + 0.009, t + 0.0095)]},
+            {"rank": 1, "coords": (0, 1, 0), "pp": 2, "step": (7, t + 0.0005, t + 0.010),
+             "compute": [("RECV_F", 0, 0, t + 0.001, t + 0.0022), ("F", 0, 0, t + 0.0022, t + 0.003)],
+             "comm": [("recv", "pp", "float64", 64, 0, t + 0.001, t + 0.0022)]}]
+
+
+def test_chrome_trace_has_the_format_s_required_fields_and_one_process_per_rank(tmp_path):
+    path = trace.write_chrome_trace(synthetic_timeline(), str(tmp_path / "sub" / "t.json"), "test")
+    doc = json.loads(open(path).read())
+    check_trace_event_format(doc)
+    events = doc["traceEvents"]
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert {e["args"]["name"] for e in events if e["name"] == "process_name"} == \
+        {"rank 0 (dp 0, pp 0, tp 0)", "rank 1 (dp 0, pp 1, tp 0)"}
+    # rank 0 holds stages 0 and 2 (chunk c of pp rank r is stage c*p + r), rank 1 stage 1
+    assert names[(0, 1)] == "stage 0" and names[(0, 2)] == "stage 2 (chunk 1)" and names[(1, 1)] == "stage 1"
+    assert names[(0, trace.COMM_TID)] == "communication"
+    spans = [e for e in events if e["ph"] == "X"]
+    assert min(e["ts"] for e in spans) == 0                         # from the earliest step start
+    f = next(e for e in spans if e["pid"] == 0 and e["name"] == "F0" and e["tid"] == 2)
+    assert f["ts"] == pytest.approx(4000) and f["dur"] == pytest.approx(1000) and f["args"]["stage"] == 2
+    comm = [e for e in spans if e["cat"] == "comm"]
+    assert {(e["pid"], e["name"], e["args"]["bytes_sent"]) for e in comm} == \
+        {(0, "isend pp", 512), (0, "all_reduce dp", 800), (1, "recv pp", 0)}
+    assert all(e["tid"] == trace.COMM_TID for e in comm)
+
+
+class World1:
+    """A one-rank stand-in for the world Group."""
+    rank, size = 0, 1
+
+
+def test_gather_timeline_keeps_the_step_s_window_on_one_clock():
+    tracer = trace.Tracer(0, clock=fake_clock(50.0))
+    tracer.record("F", 0, 0, 0.5, 0.6)          # before the step (50.5 s): left out
+    tracer.record("B", 1, 0, 2.0, 2.5)          # inside: absolute 52.0 .. 52.5
+    ledger = CommLedger(clock=fake_clock(51.0, 51.25, 60.0, 61.0))
+    group = Group.single(ledger=ledger)
+    group.all_reduce(np.ones(3))                # stamped 51.0 .. 51.25
+    group.barrier()                             # stamped 60.0 .. 61.0: after the step
+    assert ledger.entries[0].start == 51.0 and ledger.entries[0].end == 51.25
+    [rank] = trace.gather_timeline(World1(), None, tracer, ledger, (3, 51.0, 53.0))
+    assert rank["compute"] == [("B", 1, 0, 52.0, 52.5)]
+    assert [c[0] for c in rank["comm"]] == ["all_reduce"] and rank["coords"] is None
+    check_trace_event_format(trace.chrome_trace([rank]))        # no pipeline: step + comm tracks
+
+
+def test_a_ledger_without_a_clock_records_no_times_and_equality_ignores_times():
+    group = Group.single(ledger=CommLedger())
+    group.all_reduce(np.ones(2))
+    [entry] = group.ledger.entries
+    assert entry.start is None and entry.end is None
+    assert entry == CommEntry("all_reduce", "self", "float64", 2, 0, start=1.0, end=2.0)
+
+
+def test_train_trace_json_is_written_and_says_where(tmp_path):
+    path = tmp_path / "t.json"
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "minipar.train", "--steps", "2", "--n-layer", "2", "--n-head", "2",
+           "--d-model", "16", "--n-digits", "4", "--batch-size", "8", "--eval-samples", "8", "--trace", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"trace written to {path}" in proc.stdout
+    doc = json.loads(path.read_text())
+    check_trace_event_format(doc)
+    assert any(e["name"] == "step 1" for e in doc["traceEvents"])
+
+
+def test_gantt_rows_name_stage_and_world_rank_and_labels_fit_or_go():
+    assert trace.row_labels((0, 2)) == ["stage 0 · world rank 0", "stage 1 · world rank 2"]
+    assert trace.row_labels((4, 6), v=2) == ["stages 0,2 · world rank 4", "stages 1,3 · world rank 6"]
+    assert trace.fits("F3", 40, 7, 100) and not trace.fits("F3", 10, 7, 100)
+    assert trace.fits("F13", 21, 7, 100) is False and trace.fits("F13", 22, 7, 100) is True  # 2.2 em of 7 pt

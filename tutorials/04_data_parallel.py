@@ -29,6 +29,8 @@ from minipar.nn import GPT, GPTConfig
 from minipar.parallel.data_parallel import DataParallel
 
 world = Group.world(ledger=CommLedger())
+if world.size == 1:                             # one rank splits nothing: say so, do not crash
+    raise SystemExit("this tutorial needs 4 ranks: mpirun -n 4 python -m mpi4py tutorials/04_data_parallel.py")
 N, r = world.size, world.rank
 grid = ProcessGrid(world, N, 1, 1)          # dp = N, no pipeline, no tensor parallelism
 dp = grid.dp_group                          # the ranks that average gradients: here, all of them

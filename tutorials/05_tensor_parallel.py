@@ -41,6 +41,8 @@ from minipar.nn import GPT, DropoutKey, GPTConfig
 from minipar.parallel.tensor_parallel import CopyToTP, ReduceFromTP, shard_tensor_parallel
 
 world = Group.world(ledger=CommLedger())
+if world.size == 1:                             # one rank splits nothing: say so, do not crash
+    raise SystemExit("this tutorial needs 4 ranks: mpirun -n 4 python -m mpi4py tutorials/05_tensor_parallel.py")
 t, r = world.size, world.rank
 grid = ProcessGrid(world, 1, 1, t)          # no dp, no pipeline: all ranks form one tp group
 tp = grid.tp_group

@@ -34,6 +34,8 @@ from minipar.parallel import schedules
 from minipar.trace import Tracer, ascii_gantt
 
 world = Group.world(ledger=CommLedger())
+if world.size == 1:                             # one rank splits nothing: say so, do not crash
+    raise SystemExit("this tutorial needs 4 ranks: mpirun -n 4 python -m mpi4py tutorials/06_pipeline_parallel.py")
 P, r = world.size, world.rank
 grid = ProcessGrid(world, 1, P, 1)              # pp = P: every rank is one pipeline stage
 M, b = 2 * P, 2                                 # micro-batches per step, samples per micro-batch

@@ -36,6 +36,8 @@ from minipar.nn import GPTConfig, Parameter
 from minipar.parallel.flat import Partition
 
 world = Group.world(ledger=CommLedger())
+if world.size == 1:                             # one rank splits nothing: say so, do not crash
+    raise SystemExit("this tutorial needs 4 ranks: mpirun -n 4 python -m mpi4py tutorials/07_zero.py")
 N, r = world.size, world.rank
 grid = ProcessGrid(world, N, 1, 1)              # dp = N: ZeRO shards over the data-parallel group
 task = ReverseTask(n_digits=4)                  # 8 tokens per sample

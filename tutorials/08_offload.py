@@ -28,6 +28,8 @@ from minipar.memory import model_state_bytes_formula
 from minipar.nn import GPTConfig
 
 world = Group.world(ledger=CommLedger())
+if world.size == 1:                             # one rank splits nothing: say so, do not crash
+    raise SystemExit("this tutorial needs 4 ranks: mpirun -n 4 python -m mpi4py tutorials/08_offload.py")
 N, r = world.size, world.rank
 grid = ProcessGrid(world, N, 1, 1)              # dp = N
 task = ReverseTask(n_digits=4)

@@ -80,6 +80,22 @@ class Request:
             request.wait()
 
 
+def _timed(method):
+    """Stamp the ledger entries a Group call records with the call's wall-clock span, when
+    the ledger has a clock (dist/ledger.py; the --trace timeline's communication events)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        ledger = self.ledger
+        if ledger.clock is None:
+            return method(self, *args, **kwargs)
+        mark, start = ledger.snapshot(), ledger.clock()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            ledger.stamp(mark, start, ledger.clock())
+    return call
+
+
 # ----------------------------------------------------------------------------- group
 class Group:
     """A set of ranks that communicate: rank, size, ranks (their world ranks), ledger, algorithm."""
@@ -148,6 +164,7 @@ class Group:
         if op == "avg":
             buf /= self.size
 
+    @_timed
     def all_reduce(self, x, op="sum"):
         """A new array: op ("sum" | "avg" | "max") over the group, elementwise.
         Ledger: 2(n-1)/n * S, S = x.nbytes."""
@@ -157,6 +174,7 @@ class Group:
         self._record("all_reduce", x)
         return self.wire.back(buf, x)
 
+    @_timed
     def all_reduce_(self, x, op="sum"):
         """all_reduce into x itself (zero copies for contiguous host non-fp16 x). Returns x."""
         _check_op(op)
@@ -166,6 +184,7 @@ class Group:
         self.wire.write_back(x, buf)
         return x
 
+    @_timed
     def iall_reduce_(self, x, op="sum"):
         """Non-blocking all_reduce_ (MPI Iallreduce); x holds the result after `.wait()`.
         With algorithm "ring" it runs at once and returns a completed Request."""
@@ -183,6 +202,7 @@ class Group:
             self.wire.write_back(x, buf)
         return Request(request, finish, keep=buf)
 
+    @_timed
     def reduce_scatter(self, x, op="sum"):
         """This rank's block of the reduced x: x's first axis is cut into n blocks, rank r
         keeps block r, shape (x.shape[0]/n, ...). Ledger: (n-1)/n * S, S = x.nbytes."""
@@ -204,6 +224,7 @@ class Group:
         return self.wire.back(block, x)
 
     # -- data movement ---------------------------------------------------------------
+    @_timed
     def all_gather(self, x):
         """Every rank's x concatenated along axis 0: shape (n * x.shape[0], ...), rank order.
         Ledger: (n-1)/n * S, S = bytes of the output."""
@@ -219,6 +240,7 @@ class Group:
         self._record("all_gather", x, elements=out.size)
         return self.wire.back(out, x)
 
+    @_timed
     def all_to_all(self, x):
         """Personalised exchange (MPI Alltoall): x's first axis is cut into n equal blocks,
         block j goes to rank j; the result has x's shape and its block j came from rank j.
@@ -232,6 +254,7 @@ class Group:
         self._record("all_to_all", x)
         return self.wire.back(out, x)
 
+    @_timed
     def broadcast_(self, x, root=0):
         """Root's x into every rank's x, in place. Ledger: (n-1)/n * S, S = x.nbytes."""
         if self.rank == root:                  # the root's x is sent, never changed
@@ -243,6 +266,7 @@ class Group:
         self._record("broadcast", x)
         return x
 
+    @_timed
     def all_to_all_v(self, x, send_counts, recv_counts):
         """Variable all-to-all of rows: x (sum(send_counts), ...) is cut in rank order, its first
         send_counts[r] rows go to rank r; returns (sum(recv_counts), ...), the recv_counts[s]
@@ -261,11 +285,13 @@ class Group:
                            others)
         return self.wire.back(out, x)
 
+    @_timed
     def send(self, x, dest, tag=0):
         """Blocking send of x to group rank dest. Ledger: S = x.nbytes."""
         self.comm.Send(raw(self.wire.out(x)), dest=dest, tag=tag)
         self._record("send", x)
 
+    @_timed
     def recv_(self, buf, source, tag=0):
         """Blocking receive into buf (shape and dtype must match the send). Ledger: 0."""
         landing = self.wire.landing(buf)
@@ -274,6 +300,7 @@ class Group:
         self.wire.write_back(buf, landing)
         return buf
 
+    @_timed
     def isend(self, x, dest, tag=0):
         """Non-blocking send; do not modify x before `.wait()`. Ledger: S = x.nbytes."""
         wire = self.wire.out(x)
@@ -281,6 +308,7 @@ class Group:
         self._record("isend", x)
         return Request(request, keep=wire)
 
+    @_timed
     def irecv_(self, buf, source, tag=0):
         """Non-blocking receive into buf, complete after `.wait()`. Ledger: 0."""
         landing = self.wire.landing(buf)
@@ -288,6 +316,7 @@ class Group:
         self._record("irecv", buf)
         return Request(request, finish=lambda: self.wire.write_back(buf, landing), keep=landing)
 
+    @_timed
     def sendrecv(self, x, dest, recvbuf, source, tag=0):
         """Send x to dest while receiving into recvbuf from source (no deadlock in a ring
         or a shift). Ledger: S = x.nbytes. Returns recvbuf."""
@@ -304,21 +333,25 @@ class Group:
         self.comm.Sendrecv(raw(sendbuf), dest=dest, sendtag=RING_TAG,
                            recvbuf=raw(recvbuf), source=source, recvtag=RING_TAG)
 
+    @_timed
     def barrier(self):
         self.comm.Barrier()
         self.ledger.record("barrier", self.name, "none", 0, 0)
 
     # -- small metadata and verdicts -------------------------------------------------
+    @_timed
     def allgather_object(self, obj):
         """[obj of rank 0, obj of rank 1, ...]: pickled, for small metadata only."""
         self.ledger.record("object", self.name, "object", 1, 0)
         return self.comm.allgather(obj)
 
+    @_timed
     def bcast_object(self, obj, root=0):
         """Root's obj on every rank: pickled, for small metadata only."""
         self.ledger.record("object", self.name, "object", 1, 0)
         return self.comm.bcast(obj, root=root)
 
+    @_timed
     def _scalar(self, value, op):
         buf = np.array([value], dtype=np.float64 if isinstance(value, float) else np.int64)
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=op)

@@ -22,9 +22,14 @@ The values are per-rank averages: exact integers whenever n divides the
 numerator, else the exact fraction as a float. The same numbers are recorded
 whichever `algorithm` actually runs ("mpi": MPI's own collectives; "ring": the
 Sendrecv loops in ring.py), so tests can assert the textbook formulas exactly.
+
+A ledger made with a `clock` (e.g. CommLedger(clock=time.perf_counter)) also stamps
+each entry's wall-clock `start` and `end` (the Group call that made it; for the
+non-blocking isend / irecv / iall_reduce_ that is the posting, not the completion):
+the communication events of a `--trace out.json` timeline. Without one they stay None.
 """
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from minipar.backend import Transfers
 
@@ -46,18 +51,28 @@ class CommEntry:
     dtype: str       # logical dtype ("float16" even though it was summed in float32)
     elements: int    # elements of the full buffer S (all_gather: the output)
     bytes: int       # bytes this rank sends under a ring (see ring_bytes; a float if n does not divide)
+    # wall-clock seconds of the call (the ledger's clock), None without a clock; not part of equality
+    start: float | None = field(default=None, compare=False)
+    end: float | None = field(default=None, compare=False)
 
 
 class CommLedger:
     """Every communication call of the groups that share it, in order."""
 
-    def __init__(self, entries=()):
+    def __init__(self, entries=(), clock=None):
         self._entries = list(entries)
+        self.clock = clock           # None: no timing; else a function -> seconds (time.perf_counter)
         # running totals of host <-> device copies made to stage device buffers (dist/wire.py)
         self.transfers = Transfers()
 
     def record(self, op, group, dtype, elements, nbytes):
         self._entries.append(CommEntry(op, group, dtype, elements, nbytes))
+
+    def stamp(self, mark, start, end):
+        """Give the entries recorded since `mark` that have no time yet the span (start, end):
+        one Group call; an inner call (ring.py, iall_reduce_ -> all_reduce_) keeps its own."""
+        self._entries[mark:] = [replace(e, start=start, end=end) if e.start is None else e
+                                for e in self._entries[mark:]]
 
     @property
     def entries(self):
