@@ -76,7 +76,7 @@ def test_cp_rules_name_the_constraint():
 @pytest.mark.parametrize("flags, words", [
     (["--cp", "8", "--n-digits", "4"], "seq_len=8 is not divisible by 16"),       # zigzag: 2*cp chunks
     (["--cp", "2", "--cp-algo", "ulysses", "--tp", "4", "--n-head", "4"], "tp*cp"),
-    (["--cp", "3"], "does not match the 8 ranks"),
+    (["--cp", "3"], "does not divide the 8 ranks"),
 ])
 def test_train_refuses_bad_cp_flags_in_one_line(flags, words):
     from minipar import train
