@@ -16,7 +16,7 @@ def _weight(ctx, i, like):
 
 
 # ---- attention -----------------------------------------------------------------------------
-ATTENTION_BLOCK = 128   # query rows per block of the causal attention (see CausalAttention)
+ATTENTION_BLOCK = 64   # query rows per block of the causal attention (see CausalAttention)
 
 
 def _causal_mask(xp, t, dtype):
