@@ -8,7 +8,8 @@ minipar, torch, minipar, torch, ..., so load from other processes hits both
 alike; each side times its own step in CPU seconds (time.process_time) and
 wall seconds, one BLAS thread each. Reported: the medians, the ratio
 minipar/torch of the CPU medians, and each process's peak RSS (ru_maxrss) and
-RSS after the first and the last timed step (growth = a leak).
+RSS after the first and the last timed step (growth = a leak), and the MFU of
+each (model FLOPs / CPU seconds / the sgemm peak in CPU seconds, before and after).
 
 `--table` runs the issue's shapes (and a few more: wider, longer, larger
 batch, fp64), each in its own process, and prints one table. Without torch
@@ -24,13 +25,13 @@ import subprocess
 import sys
 import time
 
-from common import BENCH_GPT, one_blas_thread, write_json
+from common import BENCH_GPT, model_flops_per_step, one_blas_thread, write_json
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 TORCH_PYTHON = ROOT / ".venv-torch" / "bin" / "python"
 TORCH_MISSING = (f"PyTorch not found at {TORCH_PYTHON}: timing minipar alone. For the comparison, "
-                 f"python3 -m venv .venv-torch && .venv-torch/bin/pip install torch numpy")
+                 f"`make torch-venv` (python3 -m venv .venv-torch && .venv-torch/bin/pip install torch numpy)")
 # (d_model, seq_len, batch, precision): the issue's table first, then our own
 TABLE = [(256, 128, 8, "fp32"), (512, 128, 8, "fp32"), (1024, 128, 8, "fp32"), (256, 512, 8, "fp32"),
          (512, 512, 8, "fp32"), (512, 128, 32, "fp32"), (256, 1024, 8, "fp32"), (512, 128, 8, "fp64")]
@@ -60,6 +61,7 @@ def ask(proc, line):
 def one_shape(args):
     """Time minipar and torch in turns at one shape; returns the result dict."""
     one_blas_thread()
+    from bench_step import matmul_peak
     from minipar.data import ReverseTask
     from minipar.engine import Engine, Layout, OptimConfig
     from minipar.nn import GPTConfig
@@ -77,6 +79,7 @@ def one_shape(args):
                                            "betas": [optim.beta1, optim.beta2], "eps": optim.eps})
     else:
         print(TORCH_MISSING)
+    peak = matmul_peak(clock=time.process_time)
     times = {"minipar": {"cpu": [], "wall": []}, "torch": {"cpu": [], "wall": []}}
     rss = []
     for step in range(args.warmup + args.steps):
@@ -91,15 +94,19 @@ def one_shape(args):
             if reply:
                 times["torch"]["cpu"].append(reply["cpu_s"])
                 times["torch"]["wall"].append(reply["wall_s"])
-    result = {"gpt": gpt, "batch": args.batch, "steps": args.steps,
+    peak = max(peak, matmul_peak(clock=time.process_time))   # the clean reading of the same window
+    flops = model_flops_per_step(engine.model, args.batch)
+    result = {"gpt": gpt, "batch": args.batch, "steps": args.steps, "peak_gflops": peak,
               "minipar": {k: statistics.median(v) for k, v in times["minipar"].items()},
               "minipar_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "minipar_rss_first_last_mb": [rss[0], rss[-1]]}
+    result["minipar_mfu_cpu"] = flops / result["minipar"]["cpu"] / 1e9 / peak
     if proc:
         result["torch"] = {k: statistics.median(v) for k, v in times["torch"].items()}
         result["torch_max_rss_mb"] = ask(proc, "rss")["max_rss_mb"]
         result["ratio_cpu"] = result["minipar"]["cpu"] / result["torch"]["cpu"]
         result["ratio_wall"] = result["minipar"]["wall"] / result["torch"]["wall"]
+        result["torch_mfu_cpu"] = flops / result["torch"]["cpu"] / 1e9 / peak
         proc.stdin.close()
         proc.wait(timeout=60)
     return result
@@ -109,10 +116,12 @@ def describe(r):
     g = r["gpt"]
     shape = f"d {g['d_model']:>4} T {g['seq_len']:>4} B {r['batch']:>2} {g['precision']}"
     m = r["minipar"]
-    line = f"{shape}  minipar {m['cpu']:6.3f} cpu-s {m['wall']:6.3f} wall-s  rss {r['minipar_max_rss_mb']:5.0f} MB"
+    line = (f"{shape}  minipar {m['cpu']:6.3f} cpu-s {m['wall']:6.3f} wall-s  MFU {100 * r['minipar_mfu_cpu']:4.1f}%"
+            f"  rss {r['minipar_max_rss_mb']:5.0f} MB")
     if "torch" in r:
         t = r["torch"]
-        line += (f" | torch {t['cpu']:6.3f} cpu-s {t['wall']:6.3f} wall-s  rss {r['torch_max_rss_mb']:5.0f} MB"
+        line += (f" | torch {t['cpu']:6.3f} cpu-s {t['wall']:6.3f} wall-s  MFU {100 * r['torch_mfu_cpu']:4.1f}%"
+                 f"  rss {r['torch_max_rss_mb']:5.0f} MB"
                  f" | minipar/torch cpu {r['ratio_cpu']:.2f} wall {r['ratio_wall']:.2f}")
     return line
 
@@ -144,6 +153,9 @@ def main(argv=None):
                         "--precision", precision, "--steps", str(args.steps), "--warmup", str(args.warmup),
                         "--torch-python", args.torch_python, "--json", str(out)], check=True, cwd=ROOT)
         results.append(json.loads(out.read_text()))
+    print("\nall shapes (CPU seconds per step, medians of steps taken in turns):")
+    for r in results:
+        print(describe(r))
     path = write_json("torch", {"shapes": results})
     print(f"wrote {path}")
     return 0

@@ -11,7 +11,8 @@ pure NumPy, so this process imports it too). One thread.
 Protocol (JSON lines): the first line on stdin is the config
 {"gpt": {...GPTConfig fields}, "batch": B, "lr": .., "betas": [..], "eps": ..};
 then each line "step <n>" runs one training step and answers
-{"cpu_s": .., "wall_s": .., "loss": ..}; "rss" answers {"max_rss_mb": ..}; EOF ends it.
+{"cpu_s": .., "wall_s": .., "loss": ..}; "rss" answers {"max_rss_mb": ..}; "attention B H T D"
+times one forward + backward of the causal fused attention alone {"cpu_s": ..}; EOF ends it.
 torch is never imported by minipar: only this optional worker needs it.
 """
 import json
@@ -79,6 +80,11 @@ def main():
         cmd = line.split()
         if cmd[0] == "rss":
             reply = {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        elif cmd[0] == "attention":
+            q, k, v = (torch.randn(*map(int, cmd[1:]), dtype=dtype, requires_grad=True) for _ in range(3))
+            cpu = time.process_time()
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+            reply = {"cpu_s": time.process_time() - cpu}
         else:
             x, y = (torch.from_numpy(a) for a in task.batch(int(cmd[1]), indices))
             cpu, wall = time.process_time(), time.perf_counter()
