@@ -201,45 +201,64 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
 
+ELEMENTWISE_CHUNK = 1 << 16     # elements per chunk of a fused elementwise chain (256 KiB in fp32)
+
+
+def _chunks(n):
+    """Slices of ELEMENTWISE_CHUNK elements covering range(n): a chain of in-place passes
+    runs chunk by chunk, so each chunk stays in the core's cache for all of its passes."""
+    return [slice(i, i + ELEMENTWISE_CHUNK) for i in range(0, n, ELEMENTWISE_CHUNK)]
+
+
 class GELU(Function):
     """GELU, tanh form (Hendrycks & Gimpel 2016):
 
         y  = 0.5 x (1 + t),   t = tanh(u),   u = c x (1 + a x^2),   c = sqrt(2/pi), a = 0.044715
         dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2)
 
-    Forward keeps t for backward (no second tanh); both run in place on one or two buffers."""
+    Forward keeps t for backward (no second tanh); both run in place, chunk by chunk."""
 
     @staticmethod
     def forward(ctx, x):
         xp = array_module(x)
-        t = x * x
-        t *= _GELU_A
-        t += 1.0
-        t *= x
-        t *= _GELU_C                                                 # u
-        xp.tanh(t, out=t)                                            # t = tanh(u)
-        ctx.save_for_backward(x, t)
-        y = t + 1.0
-        y *= x
-        y *= 0.5
-        return y
+        x1 = x.reshape(-1)                                           # (n,)
+        t, y = xp.empty_like(x1), xp.empty_like(x1)
+        for c in _chunks(x1.size):
+            xc, tc, yc = x1[c], t[c], y[c]
+            xp.multiply(xc, xc, out=tc)
+            tc *= _GELU_A
+            tc += 1.0
+            tc *= xc
+            tc *= _GELU_C                                            # u
+            xp.tanh(tc, out=tc)                                      # t = tanh(u)
+            xp.add(tc, 1.0, out=yc)
+            yc *= xc
+            yc *= 0.5                                                # y = 0.5 x (1 + t)
+        ctx.save_for_backward(x, t.reshape(x.shape))
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, g):
         x, t = ctx.saved
         xp = array_module(g)
-        d = x * x
-        d *= 3 * _GELU_A * _GELU_C
-        d += _GELU_C                                                 # c (1 + 3 a x^2)
-        s = t * t
-        xp.subtract(1.0, s, out=s)                                   # 1 - t^2
-        d *= s
-        d *= x
-        d += t
-        d += 1.0
-        d *= 0.5                                                     # 0.5 (1 + t) + 0.5 x dt
-        d *= g
-        return d
+        x1, t1, g1 = x.reshape(-1), t.reshape(-1), g.reshape(-1)     # (n,) each
+        d = xp.empty_like(g1)
+        s = xp.empty(min(ELEMENTWISE_CHUNK, d.size), dtype=d.dtype)   # one chunk of scratch
+        for c in _chunks(d.size):
+            xc, tc, dc = x1[c], t1[c], d[c]
+            sc = s[:dc.size]
+            xp.multiply(xc, xc, out=dc)
+            dc *= 3 * _GELU_A * _GELU_C
+            dc += _GELU_C                                            # c (1 + 3 a x^2)
+            xp.multiply(tc, tc, out=sc)
+            xp.subtract(1.0, sc, out=sc)                             # 1 - t^2
+            dc *= sc
+            dc *= xc
+            dc += tc
+            dc += 1.0
+            dc *= 0.5                                                # 0.5 (1 + t) + 0.5 x dt
+            dc *= g1[c]
+        return d.reshape(g.shape)
 
 
 class Dropout(Function):
