@@ -14,10 +14,13 @@ VENV    := .venv/.installed
 export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS      := 1
 export MKL_NUM_THREADS      := 1
+# MPICH: a rank waiting in MPI sleeps briefly (nanosleep) instead of spinning, so 8 ranks
+# on 2 cores leave the cores to the ranks that compute (default job: 0.59x the wall time)
+export MPIR_CVAR_ENABLE_HEAVY_YIELD := 1
 
 STRATEGIES := dp tp pp zero offload 3d cp ep
 
-.PHONY: help install train compare plan test test-notebooks notebooks test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench clean
+.PHONY: help install train compare plan test test-notebooks notebooks test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(STRATEGIES)) tutorials bench bench-torch torch-venv clean
 
 help:  ## list the targets
 	@echo "minipar make targets (variables: PY=$(PY) MPIEXEC=$(MPIEXEC) NP=$(NP))"
@@ -33,7 +36,9 @@ help:  ## list the targets
 	@echo "  tutorials     run every tutorials/NN_*.py (rank count from its first line)"
 	@echo "  test-notebooks  every tutorial as a notebook on its MPI ranks (installs minipar[notebook])"
 	@echo "  notebooks     write every tutorial as notebooks/NN_*.ipynb (MPI engines via ipyparallel)"
-	@echo "  bench         benchmarks/run.py"
+	@echo "  bench         benchmarks/run.py (against PyTorch too, if .venv-torch exists)"
+	@echo "  bench-torch   benchmarks/bench_torch.py --table: minipar/torch per step at every shape"
+	@echo "  torch-venv    .venv-torch with $(TORCH) (optional; only the benchmarks use it)"
 	@echo "  compare       python -m minipar.compare on 8 ranks: the comparison table, measured"
 	@echo "  plan          python -m minipar.plan --params 7.5e9 --gpus 64"
 	@echo "  clean         remove .venv, caches and outputs"
@@ -109,6 +114,16 @@ notebooks: $(NOTEBOOK_EXTRA)  ## write notebooks/NN_*.ipynb; open them with jupy
 
 bench: $(VENV)
 	$(PY) benchmarks/run.py
+
+# minipar against PyTorch eager, in turns, at every shape of bench_torch.TABLE (needs .venv-torch)
+bench-torch: $(VENV)
+	$(PY) benchmarks/bench_torch.py --table
+
+# the optional PyTorch for the comparison: its own venv, never a dependency of minipar
+TORCH ?= torch==2.13.0
+torch-venv:
+	python3 -m venv .venv-torch
+	.venv-torch/bin/pip install '$(TORCH)' numpy
 
 compare: $(VENV)  ## every strategy on the same model, measured side by side (8 ranks)
 	$(MPIEXEC) -n 8 $(MPIPY) -m minipar.compare

@@ -47,20 +47,24 @@ def model_flops_per_step(model, batch):
     return (6 * n + 12 * cfg.n_layer * cfg.seq_len * cfg.d_model) * tokens
 
 
-def time_steps(engine, task, batch, warmup, steps, first_step=0, world=None):
+def time_steps(engine, task, batch, warmup, steps, first_step=0, world=None, cpu_times=None):
     """Seconds of each of `steps` train_steps, after `warmup` untimed ones. Each timed step
     ends when the device is done too (a GPU queues kernels asynchronously); with `world`,
-    it is the slowest rank's time (max of one float over world, 0 bytes)."""
+    it is the slowest rank's time (max of one float over world, 0 bytes). `cpu_times`, a
+    list, receives each timed step's CPU seconds of this process (time.process_time): on a
+    shared machine the steadier figure, since waiting for a core is not counted."""
     from minipar.backend import synchronize        # here: importing numpy waits for one_blas_thread()
     for step in range(first_step, first_step + warmup):
         engine.train_step(step, task, batch)
     times = []
     for step in range(first_step + warmup, first_step + warmup + steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         engine.train_step(step, task, batch)
         synchronize(engine.params[0].data)                 # no-op for NumPy
         seconds = time.perf_counter() - start
         times.append(world.max_(seconds) if world is not None else seconds)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu)
     return times
 
 

@@ -2,6 +2,8 @@
 """Run every benchmark, each in its own process, and print one summary table.
 
     bench_step.py              1 rank: matmul peak, step time of the bench GPT, MFU, profile
+    bench_torch.py             the same step against PyTorch eager, in turns, CPU seconds (if
+                               .venv-torch exists; else it says so); --torch-table: every shape
     bench_dp.py under -n 1     data-parallel strong scaling: the 1-rank baseline
     bench_dp.py under -n 2     ... the same global batch on 2 ranks, two ways to synchronise
     bench_tp.py under -n 1, 2  tensor parallelism: step time at tp = 1, 2; share of it in tp collectives
@@ -51,6 +53,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel ranks to scale to")
+    parser.add_argument("--torch-table", action="store_true",
+                        help="compare with PyTorch at every shape of bench_torch.TABLE, not only the bench GPT")
     args = parser.parse_args(argv)
     mpiexec = find_mpiexec()
     if mpiexec is None:
@@ -59,6 +63,9 @@ def main(argv=None):
     steps = ["--steps", str(args.steps)]
     load_before = machine_load()
     wall = run([sys.executable, str(HERE / "bench_step.py"), *steps], timeout=150)
+    torch_args = ["--table"] if args.torch_table else ["--json", str(OUT / "torch_bench.json")]
+    wall += run([sys.executable, str(HERE / "bench_torch.py"), *torch_args, *steps],
+                timeout=3000 if args.torch_table else 300)
     for bench in ("bench_dp.py", "bench_tp.py"):
         for n in (1, args.ranks):
             wall += run([mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / bench), *steps],
@@ -71,8 +78,15 @@ def main(argv=None):
     rows = [("matmul peak, 1 thread (GFLOP/s)", f"{step['peak_gflops']:.1f}", ""),
             ("step time, bench GPT (s)", f"{step['step']['median_s']:.3f}", ""),
             ("model FLOP/s (GFLOP/s)", f"{step['model_gflops']:.1f}", ""),
+            ("step CPU time, bench GPT (s)", f"{step['step_cpu']['median_s']:.3f}", ""),
             ("MFU", f"{100 * step['mfu']:.1f} %", f">= {100 * TARGETS['mfu']:.0f} %"),
-            ("DP 1 rank, step (s)", f"{base:.3f}", "")]
+            ("MFU from CPU seconds", f"{100 * step['mfu_cpu']:.1f} %", "")]
+    vs_torch = load("torch")["shapes"] if args.torch_table else [load("torch_bench")]
+    for r in vs_torch:
+        g = r["gpt"]
+        rows.append((f"minipar/torch CPU-s, d {g['d_model']} T {g['seq_len']} B {r['batch']} {g['precision']}",
+                     f"{r['ratio_cpu']:.2f}" if "ratio_cpu" in r else "no torch", "<= 1.0"))
+    rows.append(("DP 1 rank, step (s)", f"{base:.3f}", ""))
     speedups = {}
     for mode, r in many["modes"].items():
         speedups[mode] = base / r["median_s"]
@@ -95,7 +109,9 @@ def main(argv=None):
     for warning in dict.fromkeys(filter(None, [load_before, machine_load()])):
         print(warning)
     path = write_json("summary", {"mfu": step["mfu"], "peak_gflops": step["peak_gflops"],
-                                  "step_s": step["step"]["median_s"], "dp_ranks": args.ranks,
+                                  "step_s": step["step"]["median_s"], "step_cpu_s": step["step_cpu"]["median_s"],
+                                  "vs_torch": [{k: r.get(k) for k in ("gpt", "batch", "ratio_cpu")} for r in vs_torch],
+                                  "dp_ranks": args.ranks,
                                   "dp_base_s": base, "dp_speedup": speedups, "targets": TARGETS,
                                   "tp_step_s": {1: tp_one["median_s"], args.ranks: tp_many["median_s"]},
                                   "tp_comm_share": tp_many["comm_share_median"],

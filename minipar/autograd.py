@@ -20,7 +20,10 @@ Hooks that the parallel strategies need, designed in from the start:
   * `checkpoint(fn, *xs)`: activation recomputation (Chen et al. 2016).
   * `no_grad()`: run forward without building a graph.
 """
+import sys
 from contextlib import contextmanager
+
+import numpy
 
 from minipar.backend import array_module
 
@@ -92,9 +95,15 @@ class Tensor:
         return fn
 
     def accumulate_grad(self, g):
-        """.grad += g (stored in the tensor's own dtype), then run the hooks."""
+        """.grad += g (stored in the tensor's own dtype), then run the hooks.
+
+        The first gradient is adopted without a copy when no one else can see it, as
+        PyTorch's AccumulateGrad steals a gradient whose use count is 1: a NumPy array
+        of this dtype that owns its contiguous memory and that only this call references."""
         if self.grad is None:
-            self.grad = g.astype(self.data.dtype, copy=True)
+            adopt = (type(g) is numpy.ndarray and g.dtype == self.data.dtype and g.base is None
+                     and g.flags.c_contiguous and sys.getrefcount(g) <= _EXCLUSIVE_REFS)
+            self.grad = g if adopt else g.astype(self.data.dtype, copy=True)
         else:
             self.grad += g
         for hook in self._hooks:
@@ -122,6 +131,15 @@ class Tensor:
     def mean(self, axis=None, keepdims=False): return _ops().mean(self, axis, keepdims)
     def reshape(self, *shape): return _ops().reshape(self, shape[0] if len(shape) == 1 else shape)
     def transpose(self, *axes): return _ops().transpose(self, axes or None)
+
+
+def _refs_of_an_argument(g):
+    return sys.getrefcount(g)
+
+
+# references an argument has inside a call when nothing else holds it (measured, not assumed:
+# it differs between Python versions); one more means someone else could see the array
+_EXCLUSIVE_REFS = _refs_of_an_argument(numpy.empty(0))
 
 
 def _ops():

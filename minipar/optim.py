@@ -19,19 +19,44 @@ from minipar.backend import array_module
 from minipar.contracts import ModelOptimizer
 
 
-def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+ADAM_CHUNK = 1 << 16            # elements updated at a time: a chunk stays in cache for all passes
+
+
+def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, scratch=None):
     """AdamW (Loshchilov & Hutter 2019), in place on arrays of any shape:
 
         m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
         p <- p - lr wd p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    Written with one scratch array and in-place ops: no full-size temporaries beyond it.
+    In place, through one scratch array (`scratch`, at least ADAM_CHUNK elements or p's
+    size, reused across steps when the caller keeps one; else allocated here), and chunk
+    by chunk of ADAM_CHUNK elements when every array is contiguous: each chunk's dozen
+    passes then run in cache. The arithmetic per element is the same either way.
     """
     xp = array_module(p)
+    arrays = (p, g, m, v)
+    if all(a.flags.c_contiguous for a in arrays) and p.size > ADAM_CHUNK:
+        flat = [a.reshape(-1) for a in arrays]                      # (n,) views, no copies
+        work = xp.empty(ADAM_CHUNK, p.dtype) if scratch is None else scratch.reshape(-1)[:ADAM_CHUNK]
+        for start in range(0, p.size, ADAM_CHUNK):
+            c = slice(start, start + ADAM_CHUNK)
+            pc, gc, mc, vc = (a[c] for a in flat)
+            _adamw_in_place(xp, pc, gc, mc, vc, work[:pc.size], step, lr, beta1, beta2, eps, weight_decay)
+        return
+    scratch = xp.empty_like(p) if scratch is None else scratch.reshape(-1)[:p.size].reshape(p.shape)
+    _adamw_in_place(xp, p, g, m, v, scratch, step, lr, beta1, beta2, eps, weight_decay)
+
+
+def _adamw_in_place(xp, p, g, m, v, scratch, step, lr, beta1, beta2, eps, weight_decay):
+    """adamw_update's passes on arrays of one shape, `scratch` the only temporary."""
+    if weight_decay:
+        xp.multiply(p, lr * weight_decay, out=scratch)
+        p -= scratch                               # p - lr wd p (p is not read again before the step)
     m *= beta1
-    m += (1 - beta1) * g
+    xp.multiply(g, 1 - beta1, out=scratch)
+    m += scratch
     v *= beta2
-    scratch = xp.multiply(g, g)
+    xp.multiply(g, g, out=scratch)
     scratch *= 1 - beta2
     v += scratch
     # scratch <- sqrt(v / (1 - b2^t)) + eps, then the step m_hat / scratch
@@ -40,8 +65,6 @@ def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
     scratch += eps
     xp.divide(m, scratch, out=scratch)
     scratch *= lr / (1 - beta1 ** step)
-    if weight_decay:
-        p -= (lr * weight_decay) * p
     p -= scratch
 
 
@@ -119,10 +142,13 @@ class AdamW(Optimizer):
         self.lr, (self.beta1, self.beta2), self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.m = [array_module(w).zeros_like(w) for w in self.master]
         self.v = [array_module(w).zeros_like(w) for w in self.master]
+        # one scratch buffer, as large as the largest parameter, shared by every update
+        largest = max(self.master, key=lambda w: w.size, default=None)
+        self.scratch = None if largest is None else array_module(largest).empty(largest.size, largest.dtype)
 
     def update(self, i, p, g):
         adamw_update(p, g, self.m[i], self.v[i], self.t, self.lr, self.beta1, self.beta2,
-                     self.eps, self.weight_decay)
+                     self.eps, self.weight_decay, self.scratch)
 
     def moments(self, i):
         return {"m": self.m[i], "v": self.v[i]}
@@ -160,17 +186,33 @@ class LossScaler:
                 self.clean_steps = 0
 
 
+GRAD_STATS_CHUNK = 1 << 16      # elements cast to float64 at a time by grad_stats
+
+
 def grad_stats(params):
     """Local [sum of squared gradients, number of non-finite gradients], as float64.
 
     Parameters whose `norm_owner` is False (a replica another rank also holds) are
-    left out, so summing these stats over ranks counts every serial parameter once."""
-    total, bad = 0.0, 0.0
+    left out, so summing these stats over ranks counts every serial parameter once.
+    A float64 gradient is one dot product g.g; a lower-precision one is cast to float64
+    a chunk at a time into one small buffer (no full-size float64 copy, no g*g array)."""
+    total, bad, buf = 0.0, 0.0, None
     for p in params:
         if p.grad is None or not getattr(p, "norm_owner", True):
             continue
-        g = p.grad.astype(np.float64) if p.grad.dtype != np.float64 else p.grad
-        sq = float((g * g).sum())
+        g = p.grad.reshape(-1)                                        # (n,)
+        xp = array_module(g)
+        if g.dtype == np.float64:
+            sq = float(xp.dot(g, g))
+        else:
+            if buf is None:
+                buf = xp.empty(GRAD_STATS_CHUNK, dtype=np.float64)
+            acc = 0.0
+            for start in range(0, g.size, GRAD_STATS_CHUNK):
+                piece = buf[:min(GRAD_STATS_CHUNK, g.size - start)]
+                piece[...] = g[start:start + GRAD_STATS_CHUNK]         # cast into float64
+                acc = acc + xp.dot(piece, piece)                       # stays on the device
+            sq = float(acc)
         total += sq
         bad += 0.0 if math.isfinite(sq) else 1.0
     return np.array([total, bad])

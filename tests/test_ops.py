@@ -236,6 +236,22 @@ def test_causal_attention(b, t, n_head, d, p, seed):
     check_gradients(fn, [qkv], seed)
 
 
+@EXAMPLES
+@given(t=st.integers(2, 9), block=st.integers(1, 4), p=st.sampled_from([None, 0.3]), seed=seeds)
+def test_blockwise_causal_attention_matches_the_formula(t, block, p, seed):
+    """Several query blocks (block < T): values and gradients still those of the full formula."""
+    from minipar import transformer_ops
+    rng = np.random.default_rng(seed)
+    (qkv,) = leaves(rng, (2, t, 3 * 2 * 3))
+    keep = None if p is None else rng.random((2, 2, t, t)) >= p
+    p = 0.0 if p is None else p
+    fn = lambda: ops.causal_attention(qkv, 2, keep, p)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformer_ops, "ATTENTION_BLOCK", block)
+        np.testing.assert_allclose(fn().data, attention_reference(qkv.data, 2, keep, p), rtol=1e-12, atol=1e-14)
+        check_gradients(fn, [qkv], seed)
+
+
 # ----------------------------------------------------------------------------- norm, activations, loss
 
 @EXAMPLES
