@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import grading
 from minipar.dist.comm import CommLedger, Group
 from minipar.dist.verdict import VerdictError
 
@@ -45,11 +46,14 @@ def pytest_addoption(parser):
     # CuPy's no-implicit-host-transfer rules) or on CuPy (gpu); see the _engine_device fixture
     parser.addoption("--device", default="cpu", choices=("cpu", "strict", "gpu"),
                      help="array backend for the Engines the tests build")
+    grading.addoption(parser)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     world = Group.world(ledger=CommLedger())
+    # parts and properties: every test belongs to a part; failures summed up one line per property
+    config.pluginmanager.register(grading.Grading(config, world.rank), "minipar-grading")
     if world.size == 1:
         return
     config.pluginmanager.register(MpiHarness(config, world.dup("harness")), "minipar-mpi-harness")

@@ -16,7 +16,8 @@ import pytest
 
 from minipar.dist.comm import Group
 
-pytestmark = pytest.mark.skipif(Group.world().size > 1, reason="starts its own MPI jobs: run it serially")
+pytestmark = [pytest.mark.core,
+              pytest.mark.skipif(Group.world().size > 1, reason="starts its own MPI jobs: run it serially")]
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"

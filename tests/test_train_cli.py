@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "16", "--n-digits", "4", "--batch-size", "8",
