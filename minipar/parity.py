@@ -33,6 +33,13 @@ RUN_TOLERANCE = {"fp64": 1e-5, "fp32": 1e-1,
 RUN_METRIC = {"fp64": "norm", "fp32": "norm", "mixed": "norm"}
 
 
+def format_tolerance(tol):
+    """A tolerance as a person writes it: 1e-05, or "loss 0.01, param 0.1, v 0.1, m 1, grad 1"."""
+    if isinstance(tol, dict):
+        return ", ".join(f"{q} {v:g}" for q, v in tol.items())
+    return f"{tol:g}"
+
+
 def rel_err(got, expected, metric="max"):
     """max: max|a - b| / max|b|, the strict per-element check the tests use;
     norm: ||a - b||_2 / ||b||_2, for whole-run checks (train --check), where a few entries
@@ -167,5 +174,5 @@ def failure_message(reports, layout, limit, where=""):
     differ = {q: sum(1 for r in everywhere if r[1] == q) for q in ("grad", "param")}
     tally = ", ".join(f"{differ[q]} of {counts[q]} {q}s" for q in differ if q in counts)
     label = "the loss" if first_q == "loss" else f"{first_q} of {name!r}"
-    return (f"parity failed{where}: {cause} [{label}: rel err {err:.3e} > tol {limit(first_q):.1e} on "
+    return (f"parity failed{where}: {cause} [{label}: rel err {err:.3e} > tol {limit(first_q):g} on "
             f"rank(s) {on} of {len(reports)}; {tally} differ (rows over all ranks)]")

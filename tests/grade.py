@@ -8,6 +8,13 @@ collector (tests/grading.py) records each PROPERTY (one test function, every cas
 and the one-line cause of each failure; the full pytest output goes to
 reports/grade/<part>.log, never to the screen.
 
+A part BUILDS ON others (--builds-on, from the Makefile: 3d on dp, tp, pp, zero, offload;
+offload on zero; every part on core). A failing property that runs the code of another
+failing part (one it builds on, or one whose marker its test also carries) is BLOCKED by
+it: reported, named after the part that fails on its own (the root), and not scored
+(max_score 0) until that part passes. So one planted mistake costs the points of its own
+part only: with f's all-reduce removed, tp fails and the 3d tests that run TP are blocked.
+
 results.json (Gradescope's format): {"score", "output", "execution_time", "tests": [one entry
 per property per part: name, score, max_score, status, output]}. A property is worth one
 point. A part's MPI run that dies (a crash, a hang ended by the timeout) loses the
@@ -52,24 +59,55 @@ def last_line(path):
 
 
 def grade_part(part, args, logs):
-    """[Gradescope test entries] of one part, and its wall time."""
+    """The properties of one part (the collector's dicts), and its wall time. A run that died
+    adds one failing property saying so."""
     (logs / f"{part}.log").write_text("")
-    entries, seconds = [], 0.0
+    props, seconds = [], 0.0
     for half in ("serial", "mpi"):
         data, rc, took = run_half(part, half, args, logs)
         seconds += took
-        for prop in (data or {}).get("properties", []):
-            entries.append(entry(part, prop))
+        props += (data or {}).get("properties", [])
         if rc not in (0, 1, 5):      # 1: some tests failed; 5: no test selected; else the run died
             why = "ran past the timeout" if rc in (124, 137) else f"ended with exit code {rc}"
-            entries.append({"name": f"{part}: the {half} run completes", "score": 0, "max_score": 1,
-                            "status": "failed",
-                            "output": f"the {half} run {why} before its last test: {last_line(logs / f'{part}.log')} "
-                                      f"(full output: {logs / f'{part}.log'})"})
-    return entries, seconds
+            props.append({"module": half, "function": "", "name": f"the {half} run completes",
+                          "parts": [part], "cases": 1, "failed": 1, "skipped": 0,
+                          "causes": [f"the {half} run {why} before its last test: "
+                                     f"{last_line(logs / f'{part}.log')} (full output: {logs / f'{part}.log'})"]})
+    return props, seconds
 
 
-def entry(part, prop):
+def parse_builds_on(text, parts):
+    """'3d:dp,tp offload:zero' -> {part: set of parts it builds on}; core under every other part."""
+    deps = {p: ({"core"} if p != "core" and "core" in parts else set()) for p in parts}
+    for item in text.split():
+        part, _, on = item.partition(":")
+        deps.setdefault(part, set()).update(q for q in on.split(",") if q)
+    return deps
+
+
+def blockers(part, prop, graded, deps):
+    """The other parts whose failures may explain this failing property: parts it builds on, or
+    whose marker its test carries, that fail in a test of their own (one carrying no other
+    part's marker: so two parts never block each other through a test they share)."""
+    suspects = (deps.get(part, set()) | set(prop["parts"])) - {part}
+    return {q for q in suspects if any(p["failed"] and p["parts"] == [q] for p in graded.get(q, []))}
+
+
+def roots(part, graded, deps, seen=()):
+    """The parts that fail on their own behind `part`'s failures (following blocked ones)."""
+    found = set()
+    for prop in graded.get(part, []):
+        if not prop["failed"]:
+            continue
+        by = blockers(part, prop, graded, deps)
+        if not by:
+            found.add(part)
+        for q in by - set(seen) - {part}:
+            found |= roots(q, graded, deps, (*seen, part))
+    return found
+
+
+def entry(part, prop, blocked_by=()):
     failed, skipped, cases = prop["failed"], prop["skipped"], prop["cases"]
     if failed:
         first, others = prop["causes"][0], distinct_causes(prop["causes"]) - 1
@@ -79,8 +117,11 @@ def entry(part, prop):
         output = "skipped (needs more ranks?)"
     else:
         output = f"holds ({cases} case{'s' if cases > 1 else ''})"
+    if blocked_by:
+        output = (f"not scored: blocked by the failing part{'s' if len(blocked_by) > 1 else ''} "
+                  f"{', '.join(sorted(blocked_by))} (this test runs its code; fix it first). {output}")
     return {"name": f"{part}: {prop['name']} [{prop['module']}]", "score": 0 if failed else 1,
-            "max_score": 1, "status": "failed" if failed else "passed", "output": output}
+            "max_score": 0 if blocked_by else 1, "status": "failed" if failed else "passed", "output": output}
 
 
 def main(argv=None):
@@ -88,6 +129,8 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--parts", default="core dp tp pp zero offload 3d",
                     help="parts to grade, space-separated (markers in setup.cfg)")
+    ap.add_argument("--builds-on", default="offload:zero 3d:dp,tp,pp,zero,offload",
+                    help="part:part,part,... what each part builds on (core: under every part)")
     ap.add_argument("--np", type=int, default=8, help="MPI ranks for each part's MPI tests")
     ap.add_argument("--out", default="results.json", help="where results.json goes")
     ap.add_argument("--logs", default="reports/grade", help="folder for each part's full pytest output")
@@ -97,21 +140,35 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logs = (REPO / args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    start, tests, rows = time.monotonic(), [], []
-    for part in args.parts.split():
-        entries, seconds = grade_part(part, args, logs)
+    start, graded, seconds = time.monotonic(), {}, {}
+    parts = args.parts.split()
+    for part in parts:
+        graded[part], seconds[part] = grade_part(part, args, logs)
+        failing = sum(1 for p in graded[part] if p["failed"])
+        print(f"== {part}: {len(graded[part]) - failing}/{len(graded[part])} properties hold "
+              f"({seconds[part]:.0f} s; full output in {args.logs}/{part}.log)", flush=True)
+    deps = parse_builds_on(args.builds_on, parts)
+    tests, rows = [], []
+    for part in parts:
+        entries, behind = [], set()
+        for prop in graded[part]:
+            by = blockers(part, prop, graded, deps) if prop["failed"] else set()
+            root = set().union(*(roots(q, graded, deps, (part,)) for q in by)) or by
+            behind |= root
+            entries.append(entry(part, prop, root))
         tests += entries
-        score = sum(e["score"] for e in entries)
-        rows.append((part, score, len(entries), seconds))
-        print(f"== {part}: {score}/{len(entries)} properties hold ({seconds:.0f} s; log {args.logs}/{part}.log)",
-              flush=True)
-        for e in entries:
-            if e["status"] == "failed":
-                print(f"   FAIL {e['name'][len(part) + 2:]}: {e['output']}", flush=True)
+        score, most = sum(e["score"] for e in entries), sum(e["max_score"] for e in entries)
+        state = "FAIL" if score < most else ("blocked by " + ", ".join(sorted(behind)) if behind else "")
+        rows.append((part, score, most, seconds[part], state))
+        lines = [e for e in entries if e["status"] == "failed"]
+        if lines:
+            print(f"-- {part}: {state}")
+        for e in lines:
+            print(f"   {'FAIL' if e['max_score'] else 'BLOCKED'} {e['name'][len(part) + 2:]}: {e['output']}")
     total, most = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    table = ["part      score   time"] + [f"{p:<8} {s:>3}/{n:<3} {t:5.0f} s" + ("" if s == n else "   FAIL")
-                                          for p, s, n, t in rows]
-    table.append(f"{'total':<8} {total:>3}/{most:<3} {time.monotonic() - start:5.0f} s")
+    table = ["part      score     time"] + [f"{p:<8} {s:>4}/{n:<4} {t:5.0f} s   {state}"
+                                            for p, s, n, t, state in rows]
+    table.append(f"{'total':<8} {total:>4}/{most:<4} {time.monotonic() - start:5.0f} s")
     results = {"score": total, "execution_time": round(time.monotonic() - start, 1),
                "output": "\n".join(table), "tests": tests}
     out = Path(args.out) if os.path.isabs(args.out) else REPO / args.out
