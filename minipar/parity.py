@@ -16,6 +16,7 @@ import numpy as np
 
 from minipar.backend import to_host
 from minipar.diagnosis import likely_cause, nearest
+from minipar.dist.verdict import VerdictError
 
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-4, "mixed": 5e-2}
 
@@ -120,8 +121,9 @@ class _Plain:
         self.named_state, self.layout, self.grad_norm = engine.named_state, engine.layout, engine.grad_norm
 
 
-class ParityError(AssertionError):
-    pass
+class ParityError(VerdictError):
+    """A collective verdict: raised on every rank of the group at once, with the same message
+    (so the test harness prints it once, from rank 0, not once per rank)."""
 
 
 def check(group, rows, tol, where="", loss=None):
