@@ -18,6 +18,8 @@ export MKL_NUM_THREADS      := 1
 STRATEGIES := dp tp pp zero offload 3d
 # the parts a grader runs: core (autograd, ops, optimizer, memory, comm, checkpoints) and every strategy
 PARTS := core $(STRATEGIES)
+# what a part builds on besides core (make grade: a failure there blocks it, see tests/grade.py)
+BUILDS_ON := offload:zero 3d:dp,tp,pp,zero,offload
 
 .PHONY: help install train compare plan test test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(PARTS)) grade tutorials bench clean
 
@@ -84,7 +86,8 @@ $(addprefix test-,$(PARTS)): test-%: $(VENV)
 # every part's serial and MPI tests (the selections of test-<part>), one line per failing
 # property, a table, and results.json in Gradescope's format; full logs in reports/grade/
 grade: $(VENV)
-	$(PY) tests/grade.py --parts "$(PARTS)" --np $(NP) --python $(PY) --mpiexec $(MPIEXEC) --out results.json
+	$(PY) tests/grade.py --parts "$(PARTS)" --builds-on "$(BUILDS_ON)" --np $(NP) --python $(PY) \
+	  --mpiexec $(MPIEXEC) --out results.json
 
 # each tutorial's first line is its command, e.g.
 #   # mpirun -n 4 python -m mpi4py tutorials/03_collectives.py

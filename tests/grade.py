@@ -124,6 +124,33 @@ def entry(part, prop, blocked_by=()):
             "max_score": 0 if blocked_by else 1, "status": "failed" if failed else "passed", "output": output}
 
 
+def build_results(graded, seconds, deps, parts, elapsed):
+    """(Gradescope's results dict, the lines to print: failing properties per part, then the table)."""
+    tests, rows, lines = [], [], []
+    for part in parts:
+        entries, behind = [], set()
+        for prop in graded[part]:
+            by = blockers(part, prop, graded, deps) if prop["failed"] else set()
+            root = set().union(*(roots(q, graded, deps, (part,)) for q in by)) or by
+            behind |= root
+            entries.append(entry(part, prop, root))
+        tests += entries
+        score, most = sum(e["score"] for e in entries), sum(e["max_score"] for e in entries)
+        state = "FAIL" if score < most else ("blocked by " + ", ".join(sorted(behind)) if behind else "")
+        rows.append((part, score, most, seconds[part], state))
+        failing = [e for e in entries if e["status"] == "failed"]
+        if failing:
+            lines.append(f"-- {part}: {state}")
+        lines += [f"   {'FAIL' if e['max_score'] else 'BLOCKED'} {e['name'][len(part) + 2:]}: {e['output']}"
+                  for e in failing]
+    total, most = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    table = ["part      score     time"] + [f"{p:<8} {s:>4}/{n:<4} {t:5.0f} s   {state}"
+                                            for p, s, n, t, state in rows]
+    table.append(f"{'total':<8} {total:>4}/{most:<4} {elapsed:5.0f} s")
+    results = {"score": total, "execution_time": round(elapsed, 1), "output": "\n".join(table), "tests": tests}
+    return results, lines + table
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -148,34 +175,12 @@ def main(argv=None):
         print(f"== {part}: {len(graded[part]) - failing}/{len(graded[part])} properties hold "
               f"({seconds[part]:.0f} s; full output in {args.logs}/{part}.log)", flush=True)
     deps = parse_builds_on(args.builds_on, parts)
-    tests, rows = [], []
-    for part in parts:
-        entries, behind = [], set()
-        for prop in graded[part]:
-            by = blockers(part, prop, graded, deps) if prop["failed"] else set()
-            root = set().union(*(roots(q, graded, deps, (part,)) for q in by)) or by
-            behind |= root
-            entries.append(entry(part, prop, root))
-        tests += entries
-        score, most = sum(e["score"] for e in entries), sum(e["max_score"] for e in entries)
-        state = "FAIL" if score < most else ("blocked by " + ", ".join(sorted(behind)) if behind else "")
-        rows.append((part, score, most, seconds[part], state))
-        lines = [e for e in entries if e["status"] == "failed"]
-        if lines:
-            print(f"-- {part}: {state}")
-        for e in lines:
-            print(f"   {'FAIL' if e['max_score'] else 'BLOCKED'} {e['name'][len(part) + 2:]}: {e['output']}")
-    total, most = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    table = ["part      score     time"] + [f"{p:<8} {s:>4}/{n:<4} {t:5.0f} s   {state}"
-                                            for p, s, n, t, state in rows]
-    table.append(f"{'total':<8} {total:>4}/{most:<4} {time.monotonic() - start:5.0f} s")
-    results = {"score": total, "execution_time": round(time.monotonic() - start, 1),
-               "output": "\n".join(table), "tests": tests}
+    results, lines = build_results(graded, seconds, deps, parts, time.monotonic() - start)
+    print("\n".join(lines))
     out = Path(args.out) if os.path.isabs(args.out) else REPO / args.out
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print("\n".join(table))
     print(f"results.json written to {out}")
-    return 0 if total == most else 1
+    return 0 if all(t["score"] == t["max_score"] for t in results["tests"]) else 1
 
 
 if __name__ == "__main__":

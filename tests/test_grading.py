@@ -3,6 +3,7 @@
 Serial and synthetic: no pytest run inside pytest, no MPI. `make grade` itself is what
 the README's course-staff section runs (measured there).
 """
+import json
 import re
 from pathlib import Path
 
@@ -82,3 +83,17 @@ def test_a_broken_core_blocks_every_other_part():
     deps = grade.parse_builds_on("", list(graded))
     assert grade.blockers("core", graded["core"][0], graded, deps) == set()
     assert grade.blockers("dp", graded["dp"][0], graded, deps) == {"core"}
+
+
+def test_results_are_gradescope_json_with_one_entry_per_property_per_part():
+    graded = {"core": [prop("ops", ["core"], False)], "tp": [prop("f", ["tp"], True), prop("g", ["tp"], False)],
+              "3d": [prop("matrix", ["3d"], True)]}
+    results, lines = grade.build_results(graded, {"core": 1.0, "tp": 2.0, "3d": 3.0},
+                                         grade.parse_builds_on("3d:tp", list(graded)), list(graded), 6.0)
+    assert json.loads(json.dumps(results)) == results
+    assert [t["name"] for t in results["tests"]] == ["core: ops [m]", "tp: f [m]", "tp: g [m]", "3d: matrix [m]"]
+    for t in results["tests"]:
+        assert {"name", "score", "max_score", "status", "output"} <= set(t) and t["status"] in ("passed", "failed")
+    assert results["score"] == 2 and sum(t["max_score"] for t in results["tests"]) == 3   # 3d blocked by tp
+    assert "   FAIL f [m]: fails: why" in lines and any(line.startswith("   BLOCKED matrix") for line in lines)
+    assert lines[-1].startswith("total       2/3")
