@@ -25,6 +25,7 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.(ln_1|attn\.c_attn|attn\.c_proj|ln_2|mlp\.f
 _IN_BLOCK = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.fc", "mlp.proj"]
 _CONSUMER = {"ln_1": "attn.c_attn", "ln_2": "mlp.fc"}        # the column-parallel layer each LN feeds
 _ROW_PARALLEL = ("attn.c_proj", "mlp.proj")                   # outputs summed by g over tp
+_LINEAR = ("attn.c_attn", "attn.c_proj", "mlp.fc", "mlp.proj", "lm_head")
 
 
 def depth(name):
@@ -128,6 +129,11 @@ def likely_cause(bad, n_rows, layout=None, group_size=1, all_names=()):
     if tp > 1 and layer in _ROW_PARALLEL and name_scale(grads, near) == tp:
         return (f"g's backward is not the identity: grad of {near} is {tp}x the serial one (an extra "
                 f"all-reduce over tp)")
+    if (layout is not None and layout.pp > 1 and layout.schedule == "zb-h1"
+            and all(_layer(n)[1] in _LINEAR for n in names)):
+        return ("only weight gradients of Linear layers differ (dW, db: what ZB-H1's deferred W steps "
+                "compute), so B was right: a W step skipped, or one reading a received gradient that a "
+                "later receive overwrote (a receive buffer reused across micro-batches)")
     if len(ranks) < group_size and (layout is None or layout.pp == 1):
         return (f"gradients differ on ranks {ranks} only (of {group_size}): what those ranks receive or "
                 f"reduce, nearest the loss at {near}")

@@ -54,6 +54,12 @@ def test_the_tied_embedding_alone():
     assert "the first and last stage each hold part of dL/dwte" in cause
 
 
+def test_zb_h1_weight_gradients_alone_point_at_the_w_steps():
+    rows_ = rows(["blocks.1.mlp.proj.bias", "blocks.1.mlp.proj.weight"], ranks=(1,))
+    cause = likely_cause(rows_, COUNTS, Layout(pp=3, schedule="zb-h1"), 3, NAMES)
+    assert "a receive buffer reused across micro-batches" in cause
+
+
 def test_check_raises_one_line_with_cause_and_evidence():
     rows_ = parity.Rows([("grad", "blocks.0.mlp.fc.weight", 1.0), ("param", "blocks.0.mlp.fc.weight", 0.1)],
                         layout=Layout(), scales={("grad", "blocks.0.mlp.fc.weight"): 3.0})
