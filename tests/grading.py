@@ -133,6 +133,7 @@ class Grading:
         self.part = config.getoption("grade_part")
         self.parts = part_markers(config)
         self.properties = {}
+        self.collected, self.complete, self.running = 0, False, None
 
     def pytest_collection_modifyitems(self, items):
         if not self.parts:          # a project (or a test of the harness) that defines no parts
@@ -153,14 +154,27 @@ class Grading:
             self.write()
         return report
 
+    def pytest_collection_finish(self, session):
+        self.collected = len(session.items)
+        self.write()
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.running = nodeid                # what a run that dies half-way was doing
+        self.write()
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        self.running, self.complete = None, True
+        self.write()
+
     def write(self):
         if not self.path or self.rank != 0:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"part": self.part, "properties": [p.as_dict() for p in self.properties.values()]},
-                      f, indent=1)
+            json.dump({"part": self.part, "collected": self.collected, "complete": self.complete,
+                       "running": self.running,
+                       "properties": [p.as_dict() for p in self.properties.values()]}, f, indent=1)
         os.replace(tmp, self.path)
 
     def pytest_terminal_summary(self, terminalreporter):
