@@ -114,6 +114,7 @@ class Engine:
         self.device = device or self.default_device
         self.xp = device_module(self.device)
         self.optim_cfg, self.grid = optim or OptimConfig(), grid
+        self.grad_norm = None          # the global ||g|| of the last step (parity compares it)
         lay = self.layout
         if grid is None and lay.world_size > 1:
             raise ValueError("a layout with more than one rank needs a ProcessGrid")

@@ -10,9 +10,13 @@ All ranks allreduce their worst error, so they agree on pass/fail and a
 failure never deadlocks. Tolerances: float64 1e-12-ish (only reduction order
 differs); float32 and mixed precision have their own, stated in TOLERANCE.
 """
+import math
+
 import numpy as np
 
 from minipar.backend import to_host
+from minipar.diagnosis import likely_cause, nearest
+from minipar.dist.verdict import VerdictError
 
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-4, "mixed": 5e-2}
 
@@ -30,6 +34,13 @@ RUN_TOLERANCE = {"fp64": 1e-5, "fp32": 1e-1,
 RUN_METRIC = {"fp64": "norm", "fp32": "norm", "mixed": "norm"}
 
 
+def format_tolerance(tol):
+    """A tolerance as a person writes it: 1e-05, or "loss 0.01, param 0.1, v 0.1, m 1, grad 1"."""
+    if isinstance(tol, dict):
+        return ", ".join(f"{q} {v:g}" for q, v in tol.items())
+    return f"{tol:g}"
+
+
 def rel_err(got, expected, metric="max"):
     """max: max|a - b| / max|b|, the strict per-element check the tests use;
     norm: ||a - b||_2 / ||b||_2, for whole-run checks (train --check), where a few entries
@@ -43,8 +54,36 @@ def rel_err(got, expected, metric="max"):
     return float(np.abs(got - expected).max(initial=0.0)) / scale
 
 
+class Rows(list):
+    """[(quantity, name, err)] as compare_models builds them, with what a failure report needs:
+    the local run's layout and, per (quantity, name), the factor <got, want>/<want, want>
+    (a gradient summed where a mean belongs carries an integer factor)."""
+
+    def __init__(self, rows=(), layout=None, scales=None):
+        super().__init__(rows)
+        self.layout, self.scales = layout, dict(scales or {})
+
+
+def scale_factor(got, expected):
+    """<got, want>/<want, want>: k when got = k * want; None for an all-zero expectation."""
+    got, expected = to_host(got).astype(np.float64).ravel(), to_host(expected).astype(np.float64).ravel()
+    if got.shape != expected.shape:
+        return None
+    denom = float(expected @ expected)
+    return float(got @ expected) / denom if denom > 0 else None
+
+
+def _scalar_err(got, expected):
+    """rel_err of two scalars; equal non-finite values (a skipped step on both sides) agree."""
+    if not (math.isfinite(got) and math.isfinite(expected)):
+        return 0.0 if got == expected else float("inf")
+    return abs(got - expected) / max(abs(expected), 1e-300)
+
+
 def compare_models(local, serial, quantities=("param", "grad", "m", "v"), metric="max"):
-    """[(quantity, name, err)] for every local parameter against its serial slice.
+    """Rows [(quantity, name, err)] for every local parameter against its serial slice, and
+    ("grad_norm", "global", err) for the global gradient norm of the last step (what clipping
+    used), when both engines have taken one.
 
     `local` and `serial` are Engine-like objects with `named_state()`; under ZeRO the local
     parameters and gradients are gathered for the comparison (collective over dp)."""
@@ -53,7 +92,7 @@ def compare_models(local, serial, quantities=("param", "grad", "m", "v"), metric
         with inspect():
             return compare_models(_Plain(local), serial, quantities, metric)
     theirs = serial.named_state()
-    rows = []
+    rows = Rows(layout=local.layout)
     # gradients first: when a gradient is wrong, the updated parameter and Adam state are
     # wrong too, and the first divergence reported should be the cause
     for name, (p, opt) in local.named_state().items():
@@ -63,42 +102,79 @@ def compare_models(local, serial, quantities=("param", "grad", "m", "v"), metric
             rows.append(("param", name, rel_err(p.data, take(sp.data), metric)))
         if "grad" in quantities and p.grad is not None and sp.grad is not None:
             rows.append(("grad", name, rel_err(p.grad, take(sp.grad), metric)))
+            rows.scales["grad", name] = scale_factor(p.grad, take(sp.grad))
         for key in ("m", "v"):
             if key in quantities and key in opt and key in sopt:
                 rows.append((key, name, rel_err(opt[key], take(sopt[key]), metric)))
-    order = {"grad": 0, "param": 1, "m": 2, "v": 3}
-    return sorted(rows, key=lambda r: order[r[0]])
+    if "grad" in quantities and local.grad_norm is not None and serial.grad_norm is not None:
+        rows.append(("grad_norm", "global", _scalar_err(float(local.grad_norm), float(serial.grad_norm))))
+        rows.scales["grad_norm", "global"] = float(local.grad_norm) / max(float(serial.grad_norm), 1e-300)
+    order = {"grad": 0, "grad_norm": 1, "param": 2, "m": 3, "v": 4}
+    rows.sort(key=lambda r: order[r[0]])
+    return rows
 
 
 class _Plain:
     """An engine seen without its inspect() (already inside it)."""
 
     def __init__(self, engine):
-        self.named_state = engine.named_state
+        self.named_state, self.layout, self.grad_norm = engine.named_state, engine.layout, engine.grad_norm
 
 
-class ParityError(AssertionError):
-    pass
+class ParityError(VerdictError):
+    """A collective verdict: raised on every rank of the group at once, with the same message
+    (so the test harness prints it once, from rank 0, not once per rank)."""
 
 
 def check(group, rows, tol, where="", loss=None):
     """Collective verdict over `group`: raise ParityError on every rank if any rank's
-    error exceeds tol (a number, or {quantity: number}), naming the first quantity that
-    diverged and the rank. `loss` = (local, serial) is compared first. Returns the global
-    max error."""
-    limit = (lambda q: tol[q]) if isinstance(tol, dict) else (lambda q: tol)
+    error exceeds tol (a number, or {quantity: number}; grad_norm falls back to grad's).
+    `loss` = (local, serial) is compared first. Returns the global max error.
+
+    The message is one line: the likely cause (minipar/diagnosis.py, from the pattern of
+    every row that failed on every rank), then the evidence: the differing quantity
+    nearest the loss, its error, the ranks, and how many rows differ."""
+    limit = (lambda q: tol.get(q, tol.get("grad"))) if isinstance(tol, dict) else (lambda q: tol)
+    layout = rows.layout if isinstance(rows, Rows) else None
+    scales = rows.scales if isinstance(rows, Rows) else {}
     if loss is not None:
         rows = [("loss", "loss", rel_err(np.asarray(loss[0]), np.asarray(loss[1])))] + list(rows)
     worst = max((r[2] for r in rows), default=0.0)
-    first_bad = next((r for r in rows if not r[2] <= limit(r[0])), None)
-    failed = 0.0 if first_bad is None else 1.0
+    bad = [(q, n, e, scales.get((q, n))) for q, n, e in rows if not e <= limit(q)]
+    failed = 1.0 if bad else 0.0
     if group is not None:
         # all-reduce (max) of 2 floats over the group: the worst error and "some rank failed"
         worst, failed = (float(v) for v in group.all_reduce(np.array([worst, failed]), op="max"))
     if failed:
-        reports = [first_bad] if group is None else group.allgather_object(first_bad)
-        bad = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-        rank, (qty, name, err) = bad[0]
-        raise ParityError(f"parity failed{where}: first divergence is {qty} of {name!r} on rank {rank} "
-                          f"(rel err {err:.3e} > tol {limit(qty):.1e}); ranks failing: {[r for r, _ in bad]}")
+        # small pickled lists from every rank: each rank's failing rows and its row counts
+        counts = {}
+        for q, _, _ in rows:
+            counts[q] = counts.get(q, 0) + 1
+        mine = (bad, counts, sorted({n for q, n, _ in rows if q == "grad"}))
+        reports = [mine] if group is None else group.allgather_object(mine)
+        raise ParityError(failure_message(reports, layout, limit, where))
     return worst
+
+
+def failure_message(reports, layout, limit, where=""):
+    """One line from every rank's (failing rows, row counts): likely cause, then evidence."""
+    everywhere = [(rank, q, n, e, s) for rank, (bad, _, _) in enumerate(reports) for q, n, e, s in bad]
+    ranks = sorted({r[0] for r in everywhere})
+    counts, names = {}, set()
+    for _, c, held in reports:
+        names.update(held)
+        for q, k in c.items():
+            counts[q] = counts.get(q, 0) + k
+    cause = likely_cause(everywhere, counts, layout, len(reports), names)
+    # evidence: the loss if it differs, else the differing quantity nearest the loss
+    order = {"loss": 0, "grad": 1, "grad_norm": 2, "param": 3, "m": 4, "v": 5}
+    first_q = min((r[1] for r in everywhere), key=order.get)
+    rows_q = [r for r in everywhere if r[1] == first_q]
+    name = nearest({r[2] for r in rows_q})
+    on = sorted({r[0] for r in rows_q if r[2] == name})
+    err = max(r[3] for r in rows_q if r[2] == name)
+    differ = {q: sum(1 for r in everywhere if r[1] == q) for q in ("grad", "param")}
+    tally = ", ".join(f"{differ[q]} of {counts[q]} {q}s" for q in differ if q in counts)
+    label = "the loss" if first_q == "loss" else f"{first_q} of {name!r}"
+    return (f"parity failed{where}: {cause} [{label}: rel err {err:.3e} > tol {limit(first_q):g} on "
+            f"rank(s) {on} of {len(reports)}; {tally} differ (rows over all ranks)]")

@@ -112,11 +112,7 @@ def format_summary(s):
         cells = [by.get(c, {}).get("device", {}).get("peak" if c == "activation" else "current", 0) for c in cats]
         host = sum(v.get("host", {}).get("current", 0) for v in by.values())
         out.append(f"{r:>4} " + "".join(f"{_mib(x):>11}" for x in cells) + f"{_mib(host):>11}")
-    out.append("bytes sent per rank over the whole run, by group and op (ring-algorithm accounting):")
-    for r, comm in enumerate(s["comm"]):
-        parts = [f"{g}.{op} {v['bytes'] / 2 ** 20:.2f} MiB/{v['calls']}x"
-                 for g, ops in sorted(comm.items()) for op, v in sorted(ops.items()) if op != "object"]
-        out.append(f"{r:>4}  " + ("; ".join(parts) or "-"))
+    out += comm_table(s["comm"])
     if s["device"] != "cpu":
         out.append(f"host <-> device copies per rank over the run, MiB to device / to host "
                    f"(engine: batches, parameters; staging: device buffers through host memory for MPI):")
@@ -136,12 +132,41 @@ def format_summary(s):
     if s["parity"] is not None:
         p = s["parity"]
         verdict = "OK" if p["ok"] else "FAILED"
-        tol = p["tol"] if isinstance(p["tol"], dict) else f"{p['tol']:.0e}"
         out.append(f"parity vs serial ({p['metric']} metric): max rel err {p['max_rel_err']:.3e} "
-                   f"(tol {tol}) {verdict}")
+                   f"(tolerance {parity_mod.format_tolerance(p['tol'])}) {verdict}")
         if p.get("failure"):
             out.append(p["failure"])
     return "\n".join(out)
+
+
+GROUPS = {   # what each communicator of the grid is, for the comm table's legend
+    "dp": "data parallel: the ranks holding the same model shard; gradients averaged (ZeRO: "
+          "reduce-scattered, parameters all-gathered)",
+    "tp": "tensor parallel: the ranks splitting each layer; Megatron's f and g, vocab-parallel loss",
+    "pp": "pipeline: one stage per rank; activations forward, their gradients back, the loss broadcast",
+    "mp": "model parallel: the tp x pp ranks of one replica; the gradient-norm stats for clipping",
+    "embed": "the first and last pipeline stage: the tied embedding's gradient summed",
+    "cp": "context parallel: the ranks splitting each sequence; K/V blocks around the ring (or Ulysses' all-to-all)",
+    "dp_cp": "dp x cp: the ranks averaging gradients when the sequence is split too (ZeRO's shard group)",
+    "ep": "expert parallel: the dp ranks sharing one set of experts; tokens dispatched and combined by all-to-all",
+    "edp": "expert data parallel: the ranks holding the same experts; their gradients averaged",
+    "world": "every rank: ZeRO's gradient-norm stats; one-off metadata",
+    "metrics": "dp, on a side ledger: the logged loss averaged (not training traffic)",
+}
+
+
+def comm_table(comm):
+    """Bytes each rank sent, by group and op, then one line per group naming what it is."""
+    out = ["bytes sent per rank over the whole run, by group and op (ring-algorithm accounting):"]
+    for r, by_group in enumerate(comm):
+        parts = [f"{g}.{op} {v['bytes'] / 2 ** 20:.2f} MiB/{v['calls']}x"
+                 for g, ops in sorted(by_group.items()) for op, v in sorted(ops.items()) if op != "object"]
+        out.append(f"{r:>4}  " + ("; ".join(parts) or "-"))
+    seen = sorted({g for by_group in comm for g, ops in by_group.items() if any(op != "object" for op in ops)})
+    if seen:
+        out.append("groups:")
+        out += [f"  {g:<6} {GROUPS.get(g, 'a group of its own')}" for g in seen]
+    return out
 
 
 def save_trace_png(summary, path, labels=None):

@@ -20,7 +20,7 @@ import numpy as np
 
 from minipar import checkpoint, plan
 from minipar.backend import DEVICES, device_module
-from minipar.data import make_task
+from minipar.data import TextTask, make_task
 from minipar.dist.comm import CommLedger, Group, exit_agreed
 from minipar.dist.grid import ProcessGrid, default_layout
 from minipar.engine import Engine, Layout, OptimConfig
@@ -49,40 +49,58 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends "(default: X)" to every flag; a flag whose default is None (chosen at run
+    time) or off says its default in its own help text instead."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
-    p = Parser(prog="minipar.train", description="Train a GPT with data, tensor, pipeline and ZeRO parallelism.")
+    p = Parser(prog="minipar.train", description="Train a GPT with data, tensor, pipeline and ZeRO parallelism.",
+               formatter_class=ShowDefaults)
     g = p.add_argument_group("layout (default: chosen from the world size)")
-    g.add_argument("--dp", type=int, help="data-parallel degree")
-    g.add_argument("--pp", type=int, help="pipeline stages")
-    g.add_argument("--tp", type=int, help="tensor-parallel degree")
-    g.add_argument("--cp", type=int, help="context-parallel degree: ranks sharing each sequence (default 1)")
+    g.add_argument("--dp", type=int, help="data-parallel degree (default: the ranks left over by pp and tp)")
+    g.add_argument("--pp", type=int, help="pipeline stages (default: 1, or 2 in the 8-rank automatic layout)")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree (default: 1, or 2 in the 8-rank automatic layout)")
+    g.add_argument("--cp", type=int, help="context-parallel degree: ranks sharing each sequence (default: 1)")
     g.add_argument("--cp-algo", choices=("ring", "ulysses"), default="ring",
                    help="context parallelism: ring attention (K/V around a ring) or Ulysses (all-to-all)")
-    g.add_argument("--sequence-parallel", action="store_true", help="shard layer norms/dropout along the sequence")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard layer norms/dropout along the sequence (default: off)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
                    help="ZeRO stage over the dp group (default: 1 for the automatic layout, else 0)")
     g.add_argument("--offload", action="store_true",
-                   help="ZeRO-Offload: optimizer state and step on the host (with --zero 0: all of it, every rank)")
-    g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb-h1"), default="1f1b")
+                   help="ZeRO-Offload: optimizer state and step on the host (with --zero 0: all of it, every rank; default: off)")
+    g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb-h1"), default="1f1b",
+                   help="pipeline schedule")
     g.add_argument("--micro-batches", type=int, default=None, help="micro-batches per dp rank (default: 2*pp)")
     g.add_argument("--virtual-stages", type=int, default=None,
                    help="model chunks per pipeline rank (interleaved; default 2 if the layers allow, else 1)")
     g.add_argument("--collectives", choices=("mpi", "ring"), default="mpi", help="MPI's own or ring.py's")
     g.add_argument("--bucket-mb", type=float, default=1.0, help="DDP gradient bucket size in MiB")
-    g.add_argument("--no-overlap", action="store_true", help="all-reduce after backward instead of during it")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="all-reduce after backward instead of during it (default: overlap)")
     g.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu (NumPy), gpu (CuPy), strict (CPU stand-in that enforces CuPy's rules)")
     m = p.add_argument_group("model")
-    m.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    m.add_argument("--n-layer", type=int)
-    m.add_argument("--n-head", type=int)
-    m.add_argument("--d-model", type=int)
-    m.add_argument("--seq-len", type=int, help="context length (built-in task: fixed by --n-digits)")
+    m.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="model shape: " + ", ".join(f"{k} = {v[0]} layers x {v[1]} heads x d {v[2]}"
+                                                    for k, v in PRESETS.items()))
+    m.add_argument("--n-layer", type=int, help="transformer blocks (default: the preset's)")
+    m.add_argument("--n-head", type=int, help="attention heads (default: the preset's)")
+    m.add_argument("--d-model", type=int, help="model width (default: the preset's)")
+    m.add_argument("--seq-len", type=int,
+                   help="context length (default: 64 for --data; the built-in task fixes it at 2 x --n-digits)")
     m.add_argument("--vocab", type=int, help="vocabulary size (default: the task's, rounded up to a multiple of 8)")
-    m.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
-    m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--untied", action="store_true",
+                   help="separate lm_head instead of tied embeddings (default: tied)")
+    m.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     m.add_argument("--precision", choices=("fp64", "fp32", "mixed"), default="fp64",
-                   help="fp64 (default: parity to ~1e-12), fp32, or mixed (fp16 params, fp32 master)")
+                   help="fp64 (parity to ~1e-12), fp32, or mixed (fp16 params, fp32 master)")
     e = p.add_argument_group("mixture of experts (minipar/moe.py, parallel/expert/)")
     e.add_argument("--experts", type=int, default=0, help="E expert MLPs per MoE layer (0: dense)")
     e.add_argument("--top-k", type=int, default=2, help="experts per token (gates renormalised)")
@@ -91,25 +109,27 @@ def build_parser():
     e.add_argument("--capacity-factor", type=float, default=None, help="drop slots over capacity (default dropless)")
     e.add_argument("--ep", type=int, default=1, help="expert-parallel degree, carved out of dp")
     t = p.add_argument_group("training")
-    t.add_argument("--data", help="train character-level on this text file instead of the built-in task")
+    t.add_argument("--data", help="train character-level on this text file (default: the built-in "
+                   "task, reversing --n-digits digits)")
     t.add_argument("--n-digits", type=int, default=8, help="built-in task: digits to reverse")
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=300, help="training steps")
     t.add_argument("--batch-size", type=int, default=32, help="global batch (samples per step)")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW)")
     t.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights, data and dropout")
     o = p.add_argument_group("output")
-    o.add_argument("--log-every", type=int, default=25)
-    o.add_argument("--eval-samples", type=int, default=256)
-    o.add_argument("--check", action="store_true", help="compare against the serial run every step")
-    o.add_argument("--report", help="write a JSON report to this path")
+    o.add_argument("--log-every", type=int, default=25, help="print a log line every N steps")
+    o.add_argument("--eval-samples", type=int, default=256, help="held-out samples for the accuracy")
+    o.add_argument("--check", action="store_true",
+                   help="compare against the serial run every step (default: off)")
+    o.add_argument("--report", help="write a JSON report to this path (default: none)")
     o.add_argument("--trace", help="write the last step's timeline: x.json = Chrome trace (any layout; "
                                    "Perfetto, chrome://tracing), x.png = pipeline Gantt (pp > 1, matplotlib)")
-    o.add_argument("--save", metavar="DIR", help="write a checkpoint here at the end (atomically)")
-    o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at the end only)")
-    o.add_argument("--resume", metavar="DIR", help="continue from this checkpoint (any layout)")
+    o.add_argument("--save", metavar="DIR", help="write a checkpoint here at the end, atomically (default: none)")
+    o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    o.add_argument("--resume", metavar="DIR", help="continue from this checkpoint, any layout (default: none)")
     return p
 
 
@@ -323,6 +343,28 @@ def configure(args, world_size):
     return cfg, layout, optim, task
 
 
+def chance(task):
+    """The accuracy of guessing, said with how it was computed."""
+    if isinstance(task, TextTask):
+        train, val = task.ids["train"], task.ids["val"]
+        top = int(np.bincount(train, minlength=task.vocab_size).argmax())
+        unigram = float((val[1:] == top).mean())
+        return (f"chance: uniform 1/{task.vocab_size} = {1 / task.vocab_size:.3f}; unigram baseline "
+                f"(always {task.decode([top])!r}, the commonest training character) {unigram:.3f}")
+    return "chance: 1/10 = 0.100, a uniform guess among the 10 digits"
+
+
+def sample(engine, task, n=80):
+    """Greedy continuation of a held-out window: (prompt, n generated characters). Collective."""
+    window = task.batch(0, np.arange(1), split="val")[0]               # (1, T) ids
+    prompt, out = task.decode(window[0]), []
+    for _ in range(n):
+        nxt = int(engine.predict(window)[0, -1])                       # (1, T) -> the last position
+        out.append(nxt)
+        window = np.concatenate([window[:, 1:], [[nxt]]], axis=1)       # (1, T): slide by one
+    return prompt, task.decode(out)
+
+
 def check_experts(cfg, layout):
     """The MoE / expert-parallel rules (parallel/expert/groups.py says why ep divides dp and E)."""
     if cfg.experts and cfg.top_k > cfg.experts:
@@ -453,8 +495,11 @@ def main(argv=None, world=None):
         if args.save and args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save(args.save, engine, step + 1, world)
     acc1 = engine.accuracy(task, args.eval_samples)
-    say(f"held-out accuracy after training: {acc1:.3f} (chance {1 / 10 if args.data is None else 0:.2f})",
-        flush=True)
+    say(f"held-out accuracy after training: {acc1:.3f} ({chance(task)})", flush=True)
+    if args.data is not None:
+        prompt, text = sample(engine, task)                  # collective: every rank runs the forwards
+        say(f"sample (greedy, after a held-out prompt):\n  prompt    {prompt[-48:]!r}\n  continues {text!r}",
+            flush=True)
     summary = report.summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_times,
                                acc0, acc1, parity_errs, failure)
     say(report.format_summary(summary), flush=True)

@@ -23,8 +23,9 @@ import traceback
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
+import grading
 from minipar.dist.comm import CommLedger, Group
 from minipar.dist.verdict import VerdictError
 
@@ -32,6 +33,10 @@ from minipar.dist.verdict import VerdictError
 # (timing differs between ranks), and no timing-based health check
 settings.register_profile("minipar", parent=settings.get_profile("ci"), derandomize=True,
                           database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the grader's (tests/grade.py passes --hypothesis-profile=minipar-grade): the first failing
+# example is the verdict; shrinking it (many more training runs) would outlast the per-test timeout
+settings.register_profile("minipar-grade", parent=settings.get_profile("minipar"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile("minipar")
 
 PASSED, VERDICT, RAISED = 0, 1, 2   # a rank's outcome of one test, compared after it
@@ -45,11 +50,14 @@ def pytest_addoption(parser):
     # CuPy's no-implicit-host-transfer rules) or on CuPy (gpu); see the _engine_device fixture
     parser.addoption("--device", default="cpu", choices=("cpu", "strict", "gpu"),
                      help="array backend for the Engines the tests build")
+    grading.addoption(parser)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     world = Group.world(ledger=CommLedger())
+    # parts and properties: every test belongs to a part; failures summed up one line per property
+    config.pluginmanager.register(grading.Grading(config, world.rank), "minipar-grading")
     if world.size == 1:
         return
     config.pluginmanager.register(MpiHarness(config, world.dup("harness")), "minipar-mpi-harness")

@@ -16,6 +16,8 @@ from minipar.autograd import Function, Tensor
 from strategies import check_gradients, seeds, shapes
 
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 class Tracker:
     """A track_saved() tracker: bytes saved for backward now, at peak and in total."""
 

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from minipar.dist.comm import CommLedger, Group, Request, ring_bytes
 from minipar.dist.verdict import agree, assert_close
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 DTYPES = [np.float64, np.float32, np.float16, np.int64]
 FLOATS = [np.float64, np.float32, np.float16]
 SIZES = [1, 2, 4, 8]

@@ -9,6 +9,9 @@ from minipar.data import ReverseTask, TextTask, make_task
 from strategies import seeds
 
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
+
 # ----------------------------------------------------------------------------- ReverseTask
 
 @settings(max_examples=20, deadline=None)

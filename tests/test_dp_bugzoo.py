@@ -151,8 +151,8 @@ def test_correct_ddp_passes_the_same_check(dp_grid, bug, algorithm):
     train_and_check(dp_grid(algorithm), BUGS[bug][2])
 
 
-@pytest.mark.parametrize("bug,algorithm", CASES)
-def test_bug_is_caught_by_parity(dp_grid, monkeypatch, bug, algorithm):
+def caught(dp_grid, monkeypatch, bug, algorithm):
+    """Plant `bug`, run the control's check: it must raise ParityError (on every rank)."""
     needs_ranks()
     method, buggy, layout, _ = BUGS[bug]
     monkeypatch.setattr(DataParallel, method, buggy)
@@ -160,8 +160,37 @@ def test_bug_is_caught_by_parity(dp_grid, monkeypatch, bug, algorithm):
         train_and_check(dp_grid(algorithm), layout)
 
 
+@pytest.mark.parametrize("algorithm", BUGS["sum_not_mean"][3])
+def test_catches_sum_not_mean(dp_grid, monkeypatch, algorithm):
+    caught(dp_grid, monkeypatch, "sum_not_mean", algorithm)
+
+
+@pytest.mark.parametrize("algorithm", BUGS["last_bucket_forgotten"][3])
+def test_catches_last_bucket_forgotten(dp_grid, monkeypatch, algorithm):
+    caught(dp_grid, monkeypatch, "last_bucket_forgotten", algorithm)
+
+
+@pytest.mark.parametrize("algorithm", BUGS["sums_every_micro_batch"][3])
+def test_catches_sums_every_micro_batch(dp_grid, monkeypatch, algorithm):
+    caught(dp_grid, monkeypatch, "sums_every_micro_batch", algorithm)
+
+
+@pytest.mark.parametrize("algorithm", BUGS["launch_on_first_grad"][3])
+def test_catches_launch_on_first_grad(dp_grid, monkeypatch, algorithm):
+    caught(dp_grid, monkeypatch, "launch_on_first_grad", algorithm)
+
+
+@pytest.mark.parametrize("algorithm", BUGS["no_sync_forgotten"][3])
+def test_catches_no_sync_forgotten(dp_grid, monkeypatch, algorithm):
+    caught(dp_grid, monkeypatch, "no_sync_forgotten", algorithm)
+
+
+def test_every_mistake_has_its_test():
+    assert {f"test_catches_{bug}" for bug in BUGS} <= set(globals())
+
+
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
-def test_averaging_every_micro_batch_passes_parity_but_not_the_ledger(dp_grid, monkeypatch, algorithm):
+def test_catches_averaging_every_micro_batch_with_the_ledger_not_parity(dp_grid, monkeypatch, algorithm):
     needs_ranks()
     monkeypatch.setattr(DataParallel, "_on_grad_ready", hook_averages_every_micro_batch)
     grid, micro = dp_grid(algorithm), 3

@@ -9,6 +9,8 @@ from minipar.dist.grid import ProcessGrid, default_layout, grid_coords, grid_ran
 from minipar.dist.verdict import agree
 
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 def factorizations(n):
     """Every (dp, pp, tp) with dp * pp * tp == n."""
     return [(n // (pp * tp), pp, tp) for pp in range(1, n + 1) for tp in range(1, n + 1)

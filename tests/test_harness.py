@@ -16,7 +16,8 @@ import pytest
 
 from minipar.dist.comm import Group
 
-pytestmark = pytest.mark.skipif(Group.world().size > 1, reason="starts its own MPI jobs: run it serially")
+pytestmark = [pytest.mark.core,
+              pytest.mark.skipif(Group.world().size > 1, reason="starts its own MPI jobs: run it serially")]
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -39,6 +40,7 @@ def run_on_two_ranks(tmp_path, test_source):
     if mpiexec is None:
         pytest.skip("no mpiexec next to this Python or on PATH")
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    shutil.copy(REPO / "tests" / "grading.py", tmp_path / "grading.py")       # conftest's collector
     (tmp_path / "pytest.ini").write_text(INI)
     (tmp_path / "test_case.py").write_text(textwrap.dedent(test_source))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

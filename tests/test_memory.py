@@ -14,6 +14,9 @@ from minipar.memory import (CATEGORIES, MemoryLedger, activation_bytes_formula, 
                             tp_comm_elements, traced_bytes)
 
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
+
 # ----------------------------------------------------------------------------- ledger
 
 def test_add_remove_current_by_category_and_placement():

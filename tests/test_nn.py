@@ -11,6 +11,8 @@ from minipar.nn import GPT, DropoutKey, GPTConfig, Linear, ShardSpec
 from strategies import check_gradients, gpt_configs, seeds, shapes, token_batch
 
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 def randomize(model, seed, std=0.5):
     """Move every parameter to a generic point (init has zero biases and unit LayerNorm
     weights, where some wrong gradients would vanish)."""
@@ -46,7 +48,7 @@ def test_gpt_gradients_on_drawn_configs(cfg, seed):
     gpt_gradient_check(cfg, seed)
 
 
-def test_bug_zoo_tied_head_that_drops_its_embedding_gradient_is_caught(monkeypatch):
+def test_catches_a_tied_head_that_drops_its_embedding_gradient(monkeypatch):
     """A classic: the tied output head reads wte as a constant, so wte.grad lacks the
     head's contribution. Forward values are unchanged; only the gradient check sees it."""
     def head_with_detached_wte(self, x):

@@ -13,6 +13,8 @@ from minipar.autograd import Tensor
 from strategies import (broadcast_pairs, check_gradients, matmul_shapes, reduce_axes, seeds,
                         shapes)
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 EXAMPLES = settings(max_examples=30, deadline=None)
 
 
@@ -332,7 +334,7 @@ def _softmax_backward_no_centering(ctx, g):
     ("matmul", ops.MatMul, _matmul_backward_without_transpose, [(3, 3), (3, 3)]),
     ("softmax", ops.Softmax, _softmax_backward_no_centering, [(3, 3)]),
 ])
-def test_bug_zoo_gradient_oracle_catches_a_wrong_backward(monkeypatch, fn_name, target, bug, inputs):
+def test_catches_a_wrong_backward(monkeypatch, fn_name, target, bug, inputs):
     tensors = leaves(np.random.default_rng(1), *inputs)
     fn = lambda: getattr(ops, fn_name)(*tensors)
     check_gradients(fn, tensors, seed=1)                               # the real backward passes
@@ -341,7 +343,7 @@ def test_bug_zoo_gradient_oracle_catches_a_wrong_backward(monkeypatch, fn_name, 
         check_gradients(fn, tensors, seed=1)
 
 
-def test_bug_zoo_unbroadcast_that_keeps_size_one_axes_is_caught(monkeypatch):
+def test_catches_an_unbroadcast_that_keeps_size_one_axes(monkeypatch):
     a, b = leaves(np.random.default_rng(2), (3, 1), (1, 4))
     monkeypatch.setattr(ops, "_unbroadcast", lambda g, shape: g)      # forgot to sum broadcast axes
     with pytest.raises(AssertionError, match="grad shape"):

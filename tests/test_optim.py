@@ -13,6 +13,8 @@ from minipar.engine import Engine, OptimConfig
 from minipar.nn import GPTConfig, Parameter
 from minipar.optim import SGD, AdamW, LossScaler, grad_stats, prepare_step
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 SHAPES = [(3, 4), (5,), (2, 1, 3)]
 
 

@@ -150,6 +150,34 @@ def test_parity_with_serial_for_any_schedule_and_grid(world, group_of, data):
     assert_parity(group, engine, cfg, batch=dp * m * data.draw(st.integers(1, 2), label="b"))
 
 
+_PIPES = {}
+
+
+def pipeline_group(world, p):
+    """This rank's block of p consecutive ranks (any p: 8 ranks make blocks 0-2, 3-5 and 6-7);
+    a rank in a leftover block smaller than p skips (the harness counts a skip as a pass)."""
+    if world.size < p:
+        pytest.skip(f"needs {p} ranks")
+    if p not in _PIPES:
+        _PIPES[p] = world.split(color=world.rank // p, key=world.rank, name=f"pipe{p}")
+    if _PIPES[p].size < p:
+        pytest.skip(f"ranks {world.rank // p * p}.. form no full {p}-stage pipeline")
+    return _PIPES[p]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+@pytest.mark.parametrize("p,m", [(3, 3), (3, 5), (4, 4)])
+def test_deep_pipelines_equal_serial_with_m_at_least_p(world, schedule, p, m):
+    """p >= 3 has middle stages that receive both activations and gradients; with m >= p, 1F1B
+    keeps up to p micro-batches in flight and ZB-H1 runs deferred W steps that still read the
+    gradients received for earlier micro-batches (a reused receive buffer breaks exactly this)."""
+    group = pipeline_group(world, p)
+    cfg = config(p + 1)
+    engine = pipeline_engine(group, 1, p, schedule, m, cfg=cfg)
+    assert_parity(group, engine, cfg, batch=m)
+
+
 def largest_pipeline(world):
     p = 4 if world.size >= 4 else 2
     if world.size % p:

@@ -12,6 +12,8 @@ from minipar.memory import gb, model_state_bytes_formula
 from minipar.plan import (PUBLISHED_TABLE1, TABLE1_DP, TABLE1_MODELS, figure1_round,
                           gpt_param_count, main, table1, table1_round)
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

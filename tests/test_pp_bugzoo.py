@@ -5,6 +5,14 @@ each of which the parity check against the serial run must catch (on every rank 
     wrong micro-batch            micro-batch 1's received activation kept as micro-batch 0's
     tied grads not summed        first and last stage each keep half of dL/dwte
     W step skipped               micro-batch 0's queued weight gradients are dropped
+    receive buffer reused        one buffer per direction serves every micro-batch (the peer
+                                 ShallowSpeed's real bug): the next receive overwrites an
+                                 activation a B still needs, or a gradient a deferred W still
+                                 reads. Invisible at p = 2 (rank 0 runs each W right after its
+                                 B), and under 1F1B (a Block saves what it derives from its
+                                 input, and each received gradient is used at once): caught by
+                                 ZB-H1 at p = 3, m = 3, whose middle stage defers W steps that
+                                 read the received gradients.
 """
 import numpy as np
 import pytest
@@ -17,17 +25,19 @@ from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 from minipar.parallel import pipeline
 from minipar.parallel.schedules import Action
+from test_pipeline import pipeline_group
 
 pytestmark = [pytest.mark.mpi, pytest.mark.pp]
 SEED, TASK, OPTIM = 5, ReverseTask(n_digits=4), OptimConfig(lr=1e-2)
 
 
 def run_against_serial(group, schedule, m=2):
-    """One training step of a 2-stage pipeline and of the serial run; the collective verdict."""
-    cfg = GPTConfig(vocab_size=11, seq_len=8, n_layer=2, n_head=2, d_model=8,
+    """One training step of a pipeline over `group` and of the serial run; the collective verdict."""
+    p = group.size
+    cfg = GPTConfig(vocab_size=11, seq_len=8, n_layer=p, n_head=2, d_model=8,
                     tied_embeddings=True, precision="fp64")
-    layout = Layout(pp=2, micro_batches=m, schedule=schedule)
-    engine = Engine(cfg, layout, OPTIM, SEED, ProcessGrid(group, 1, 2, 1))
+    layout = Layout(pp=p, micro_batches=m, schedule=schedule)
+    engine = Engine(cfg, layout, OPTIM, SEED, ProcessGrid(group, 1, p, 1))
     serial = Engine(cfg, optim=OPTIM, seed=SEED)
     loss, expected = engine.train_step(0, TASK, 2 * m), serial.train_step(0, TASK, 2 * m)
     return parity.check(group, parity.compare_models(engine, serial), parity.TOLERANCE["fp64"],
@@ -56,24 +66,67 @@ def weight_step_skipped(self, run, a):
             work()
 
 
-BUGS = {   # name -> (attribute of the pipeline module to replace, replacement, schedule)
-    "loss not divided across micro-batches": ("loss_gradient", loss_not_divided, "1f1b"),
-    "received activation stored under the wrong micro-batch":
-        ("Pipeline._recv_forward", stored_under_wrong_microbatch, "gpipe"),
-    "tied-embedding gradients not summed": ("Pipeline.sync_tied_grads", tied_grads_not_summed, "1f1b"),
-    "a W step skipped": ("Pipeline._weight", weight_step_skipped, "zb-h1"),
+def receive_into_one_buffer(self, run, action):
+    """BUG: one receive buffer per direction and shape, reused by every micro-batch."""
+    shape = self.activation_shape(len(run.micro[action.mb]), run.task.seq_len)
+    kept = self.__dict__.setdefault("_kept_buffers", {})
+    buf = kept.setdefault((action.op, shape), self.xp.empty(shape, dtype=self.compute_dtype))
+    # recv: one micro-batch's activation (or its gradient), b*T*C elements, over pp: into the SAME buffer
+    return self.pp.recv_(buf, source=self._peer(action), tag=self._tag(action))
+
+
+BUGS = {   # name -> (attribute of the pipeline module to replace, replacement, schedule, p, m)
+    "loss_not_divided_across_micro_batches": ("loss_gradient", loss_not_divided, "1f1b", 2, 2),
+    "received_activation_stored_under_the_wrong_micro_batch":
+        ("Pipeline._recv_forward", stored_under_wrong_microbatch, "gpipe", 2, 2),
+    "tied_embedding_gradients_not_summed": ("Pipeline.sync_tied_grads", tied_grads_not_summed, "1f1b", 2, 2),
+    "a_w_step_skipped": ("Pipeline._weight", weight_step_skipped, "zb-h1", 2, 2),
+    "a_receive_buffer_reused_across_micro_batches": ("Pipeline._receive", receive_into_one_buffer,
+                                                     "zb-h1", 3, 3),
 }
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
-def test_the_unpatched_pipeline_passes(group_of, schedule):
-    run_against_serial(group_of(2), schedule)        # the control: parity.check would raise
+@pytest.mark.parametrize("schedule,p,m", [("gpipe", 2, 2), ("1f1b", 2, 2), ("zb-h1", 2, 2),
+                                          ("1f1b", 3, 3), ("zb-h1", 3, 3)])
+def test_the_unpatched_pipeline_passes(world, schedule, p, m):
+    if world.size < p:
+        pytest.skip(f"needs {p} ranks")
+    run_against_serial(pipeline_group(world, p), schedule, m)   # the control: parity.check would raise
 
 
-@pytest.mark.parametrize("bug", list(BUGS))
-def test_the_parity_check_catches(group_of, monkeypatch, bug):
-    name, replacement, schedule = BUGS[bug]
+def caught(world, monkeypatch, bug):
+    """Plant `bug`; the check of the control's run must raise ParityError (on every rank)."""
+    name, replacement, schedule, p, m = BUGS[bug]
+    if world.size < p:
+        pytest.skip(f"needs {p} ranks")
+    group = pipeline_group(world, p)
     owner, _, attr = name.rpartition(".")
     monkeypatch.setattr(getattr(pipeline, owner) if owner else pipeline, attr, replacement)
-    with pytest.raises(parity.ParityError):
-        run_against_serial(group_of(2), schedule)
+    with pytest.raises(parity.ParityError, match="parity failed") as caught:
+        run_against_serial(group, schedule, m)
+    if group.rank == 0 and world.rank == 0:
+        print(f"\n  {bug}: {caught.value}")            # what a student sees (pytest -s)
+
+
+def test_catches_loss_not_divided_across_micro_batches(world, monkeypatch):
+    caught(world, monkeypatch, "loss_not_divided_across_micro_batches")
+
+
+def test_catches_received_activation_stored_under_the_wrong_micro_batch(world, monkeypatch):
+    caught(world, monkeypatch, "received_activation_stored_under_the_wrong_micro_batch")
+
+
+def test_catches_tied_embedding_gradients_not_summed(world, monkeypatch):
+    caught(world, monkeypatch, "tied_embedding_gradients_not_summed")
+
+
+def test_catches_a_w_step_skipped(world, monkeypatch):
+    caught(world, monkeypatch, "a_w_step_skipped")
+
+
+def test_catches_a_receive_buffer_reused_across_micro_batches(world, monkeypatch):
+    caught(world, monkeypatch, "a_receive_buffer_reused_across_micro_batches")
+
+
+def test_every_mistake_has_its_test():
+    assert {f"test_catches_{bug}" for bug in BUGS} <= set(globals())

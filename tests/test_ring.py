@@ -9,6 +9,8 @@ from minipar.dist import ring
 from minipar.dist.comm import CommLedger, Group
 from minipar.dist.verdict import VerdictError, agree, assert_close
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 SIZES = [1, 2, 4, 8]
 
 
@@ -110,7 +112,7 @@ def test_each_step_holds_the_promised_partial_sums(group_of, n):
 
 
 @pytest.mark.mpi
-def test_parity_check_catches_a_ring_that_overwrites_instead_of_adding(world):
+def test_catches_a_ring_that_overwrites_instead_of_adding(world):
     """Bug zoo: the arriving partial sum replaces this rank's chunk instead of being added."""
     x = np.arange(16.0) + world.rank
     got = x.copy()

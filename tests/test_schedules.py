@@ -82,7 +82,7 @@ def test_simulation_respects_dependencies_for_any_durations(cfg, tf, tb, tw):
     check_dependencies(events, p, v)
 
 
-def test_dependency_check_catches_an_early_start():
+def test_catches_an_early_start():
     events = simulate(one_f_one_b(2, 2), 2)
     early = [e._replace(start=e.start - 1, end=e.end - 1) if (e.rank, e.op, e.mb) == (0, "B", 1) else e
              for e in events]
@@ -160,7 +160,7 @@ def test_measured_bubble_equals_formula_for_every_valid_config():
         assert bubble_fraction(events, p) == bubble_formula(name, p, m, v), (name, p, m, v)
 
 
-def test_formula_check_catches_eager_weight_grads():
+def test_catches_eager_weight_grads():
     # ZB-H1 with each W run right after its own B (no deferral) keeps 1F1B's bubble shape:
     # the exact-equality check must notice.
     p, m = 4, 8

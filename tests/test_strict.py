@@ -14,6 +14,8 @@ from minipar.dist.verdict import agree
 from minipar.engine import Engine, Layout
 from minipar.nn import GPTConfig
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 CFG = GPTConfig(vocab_size=11, seq_len=8, n_layer=1, n_head=2, d_model=8)
 
 
@@ -48,7 +50,7 @@ def test_engine_trains_on_the_stand_in_like_on_numpy():
     assert cpu.accuracy(task, 8) == dev.accuracy(task, 8)
 
 
-def test_a_planted_numpy_call_in_compute_code_is_caught(monkeypatch):
+def test_catches_a_numpy_call_in_compute_code(monkeypatch):
     """Bug zoo: GELU computed with numpy's tanh instead of the array's module passes on CPU
     and would break on a GPU; the strict device catches it on CPU."""
     def numpy_gelu(ctx, x):

@@ -76,8 +76,7 @@ def lockstep(grid, cfg, layout, steps=2, batch=8, optim=OPTIM, tol=TOL, prepare=
     for step in range(steps):
         want = serial.train_step(step, TASK, batch)
         got = local.train_step(step, TASK, batch)
-        rows = parity.compare_models(local, serial)
-        rows.append(("grad_norm", "global", parity.rel_err(np.float64(local.grad_norm), serial.grad_norm)))
+        rows = parity.compare_models(local, serial)        # with the global grad norm's row
         where = (f" (tp={layout.tp}, dp={layout.dp}, sp={layout.sequence_parallel}, "
                  f"micro={layout.micro_batches}, step {step})")
         worst = max(worst, parity.check(grid.world, rows, tol, where, loss=(got, want)))

@@ -136,11 +136,43 @@ def test_correct_tensor_parallelism_passes_the_same_check(grid, bug):
     run(grid, bug)
 
 
-@pytest.mark.parametrize("bug", BUGS)
-def test_bug_is_caught_by_parity(grid, monkeypatch, bug):
+def caught(grid, monkeypatch, bug):
+    """Plant `bug`, run the control's check: it must raise ParityError (on every rank)."""
     BUGS[bug][0](monkeypatch)
     with pytest.raises(parity.ParityError, match="parity failed") as caught, np.errstate(over="ignore",
                                                                                           invalid="ignore"):
         run(grid, bug)                                               # raised on every rank
     if grid.world.rank == 0:
         print(f"\n  {bug}: {caught.value}")
+
+
+def test_catches_f_backward_without_all_reduce(grid, monkeypatch):
+    caught(grid, monkeypatch, "f_backward_without_all_reduce")
+
+
+def test_catches_g_backward_with_extra_all_reduce(grid, monkeypatch):
+    caught(grid, monkeypatch, "g_backward_with_extra_all_reduce")
+
+
+def test_catches_heads_cut_across_head_dim(grid, monkeypatch):
+    caught(grid, monkeypatch, "heads_cut_across_head_dim")
+
+
+def test_catches_loss_without_global_max(grid, monkeypatch):
+    caught(grid, monkeypatch, "loss_without_global_max")
+
+
+def test_catches_attention_dropout_not_cut_by_head(grid, monkeypatch):
+    caught(grid, monkeypatch, "attention_dropout_not_cut_by_head")
+
+
+def test_catches_sp_layer_norm_grads_not_summed(grid, monkeypatch):
+    caught(grid, monkeypatch, "sp_layer_norm_grads_not_summed")
+
+
+def test_catches_replicas_counted_tp_times_in_norm(grid, monkeypatch):
+    caught(grid, monkeypatch, "replicas_counted_tp_times_in_norm")
+
+
+def test_every_mistake_has_its_test():
+    assert {f"test_catches_{bug}" for bug in BUGS} <= set(globals())

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "16", "--n-digits", "4", "--batch-size", "8",
@@ -102,6 +104,7 @@ def test_check_passes_and_reports_parity(tmp_path):
         json.loads(report.read_text())["bubble"]["formula"])
 
 
+@getattr(pytest.mark, "3d")           # also a composition test: saved at dp2 x tp2, resumed at pp2
 def test_resume_is_bit_identical_and_reshards(tmp_path):
     ck, full, resumed, other = tmp_path / "ck", tmp_path / "full.json", tmp_path / "res.json", tmp_path / "o.json"
     layout = ["--dp", "2", "--tp", "2"]

@@ -22,6 +22,8 @@ from minipar.dist.verdict import agree
 from minipar.dist.wire import Wire
 
 
+pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
+
 def on_device(a):
     return to_device(np.ascontiguousarray(a), strict)
 
