@@ -24,6 +24,8 @@ from minipar.dist.comm import CommLedger, Group
 from minipar.dist.verdict import agree
 from minipar.train import main
 
+pytestmark = pytest.mark.core      # the training job's checkpoints and input checks: a core part
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "16", "--n-digits", "4", "--batch-size", "8",

@@ -18,6 +18,8 @@ from minipar import checkpoint
 from minipar.dist.comm import CommLedger, Group
 from minipar.train import main
 
+pytestmark = pytest.mark.core      # the training job's checkpoints: a core part
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "16", "--n-digits", "4", "--batch-size", "8",
         "--log-every", "1000", "--eval-samples", "16"]
