@@ -126,7 +126,7 @@ def build_parser():
                    help="compare against the serial run every step (default: off)")
     o.add_argument("--report", help="write a JSON report to this path (default: none)")
     o.add_argument("--trace", help="write the last step's timeline: x.json = Chrome trace (any layout; "
-                                   "Perfetto, chrome://tracing), x.png = pipeline Gantt (pp > 1, matplotlib)")
+                                   "Perfetto, chrome://tracing), x.png = pipeline Gantt (pp > 1, matplotlib); default: none")
     o.add_argument("--save", metavar="DIR", help="write a checkpoint here at the end, atomically (default: none)")
     o.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     o.add_argument("--resume", metavar="DIR", help="continue from this checkpoint, any layout (default: none)")
@@ -323,11 +323,14 @@ def configure(args, world_size):
     d_model = args.d_model if args.d_model is not None else d_model
     if d_model % n_head:
         raise UsageError(f"--d-model {d_model} is not divisible by --n-head {n_head}")
-    cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
-                    n_head=n_head, d_model=d_model,
-                    tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision,
-                    experts=args.experts, top_k=args.top_k, moe_every=args.moe_every,
-                    aux_loss_coef=args.aux_loss_coef, capacity_factor=args.capacity_factor)
+    try:                                   # GPTConfig checks its own fields (one-line ValueErrors)
+        cfg = GPTConfig(vocab_size=vocab, seq_len=task.seq_len, n_layer=n_layer,
+                        n_head=n_head, d_model=d_model,
+                        tied_embeddings=not args.untied, dropout=args.dropout, precision=args.precision,
+                        experts=args.experts, top_k=args.top_k, moe_every=args.moe_every,
+                        aux_loss_coef=args.aux_loss_coef, capacity_factor=args.capacity_factor)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     layout = Layout(dp=dp, pp=pp, tp=tp, cp=cp, cp_algo=args.cp_algo, sequence_parallel=args.sequence_parallel, zero=zero,
                     offload=args.offload, schedule=args.schedule, micro_batches=micro,
                     virtual_stages=virtual, bucket_bytes=int(args.bucket_mb * 2 ** 20),
@@ -382,7 +385,7 @@ def check_experts(cfg, layout):
         raise UsageError("a mixture of experts with --cp > 1 is not supported yet (its expert groups are "
                          "carved out of dp, not dp x cp)")
     if cfg.experts and layout.zero == 3 and layout.world_size > 1:
-        raise UsageError("--zero 3 with a mixture of experts is not supported; use --zero 1 or 2")
+        raise UsageError("ZeRO-3 (--zero 3) with a mixture of experts is not supported; use --zero 1 or 2")
 
 
 def serial_layout(cfg, layout):

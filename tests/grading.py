@@ -24,7 +24,8 @@ import re
 
 import pytest
 
-NOT_PARTS = ("mpi", "gpu", "slow")   # markers that say how a test runs, not what it grades
+NOT_PARTS = ("mpi", "gpu", "slow", "notebook")   # markers that say how a test runs, not what it grades
+RUN_APART = ("notebook",)   # tests run by their own target (make test-notebooks), in no graded part
 MAX_CAUSE = 400                      # characters of one cause line
 
 
@@ -138,7 +139,8 @@ class Grading:
     def pytest_collection_modifyitems(self, items):
         if not self.parts:          # a project (or a test of the harness) that defines no parts
             return
-        orphans = [item.nodeid for item in items if not any(p in item.keywords for p in self.parts)]
+        orphans = [item.nodeid for item in items if not any(p in item.keywords for p in self.parts)
+                   and not any(m in item.keywords for m in RUN_APART)]
         if orphans:
             raise pytest.UsageError(
                 f"{len(orphans)} test(s) belong to no part; mark each with one of {self.parts} "
