@@ -16,7 +16,6 @@ verdict over the block of ranks).
 * invalid layouts raise ValueError on every rank before any collective;
 * the bug zoo: a 3D run that skips the tied-embedding gradient sum must fail parity.
 """
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -76,7 +75,7 @@ def lockstep(grid, cfg, layout, batch, optim=OPTIM, tol=parity.TOLERANCE["fp64"]
         got = local.train_step(step, TASK, batch)
         # ZeRO: all-gather (over dp) the averaged gradient shards, and under ZeRO-3 the parameters,
         # so every local parameter is compared in full; plain DDP compares as is
-        with getattr(local.optimizer, "gathered", nullcontext)():
+        with local.optimizer.gathered():
             rows = parity.compare_models(local, serial)
         rows.append(("grad_norm", "global", parity.rel_err(np.float64(local.grad_norm), serial.grad_norm)))
         where = f" ({layout}, {cfg.precision}, step {step})"

@@ -11,7 +11,6 @@ done-when layouts as a fixed matrix. Traffic, FLOPs and memory against the formu
 are tests/test_cp_accounting.py; the bug zoo is tests/test_cp_bugzoo.py.
 """
 import math
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -162,7 +161,7 @@ def lockstep(grid, cfg, layout, batch, steps=2, tol=parity.TOLERANCE["fp64"]):
     for step in range(steps):
         want = serial.train_step(step, TASK, batch)
         got = local.train_step(step, TASK, batch)
-        with getattr(local.optimizer, "gathered", nullcontext)():
+        with local.optimizer.gathered():
             rows = parity.compare_models(local, serial)
         rows.append(("grad_norm", "global", parity.rel_err(np.float64(local.grad_norm), serial.grad_norm)))
         worst = max(worst, parity.check(grid.world, rows, tol, f" ({layout}, step {step})", loss=(got, want)))
