@@ -21,8 +21,8 @@ from common import (BATCH, BENCH_GPT, bench_task, model_flops_per_step, one_blas
 
 one_blas_thread()  # before numpy is imported
 
-from minipar.dist.comm import CommLedger, Group  # noqa: E402
-from minipar.dist.grid import ProcessGrid  # noqa: E402
+from minipar.comm.group import CommLedger, Group  # noqa: E402
+from minipar.comm.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
 from minipar.nn import GPT, GPTConfig  # noqa: E402
 

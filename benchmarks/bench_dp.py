@@ -5,7 +5,7 @@ The bench GPT (common.BENCH_GPT) trains on a fixed global batch of 8, so on N
 ranks each does 1/N of the compute and then all-reduces Phi gradients. Two ways
 to synchronise are timed (with N = 1 there is nothing to synchronise):
 
-    bucketed+overlap   DDP as in data_parallel.py: 1 MiB buckets, each all-reduce
+    bucketed+overlap   DDP as in parallel/data/ddp.py: 1 MiB buckets, each all-reduce
                        launched (MPI Iallreduce) as soon as its gradients are final
     one bucket, after  a single all-reduce of every gradient once backward is done
 
@@ -30,11 +30,11 @@ from common import BATCH, BENCH_GPT, bench_task, one_blas_thread, summarize, tim
 
 one_blas_thread()  # before numpy is imported (minipar imports it)
 
-from minipar.dist.comm import CommLedger, Group  # noqa: E402
-from minipar.dist.grid import ProcessGrid  # noqa: E402
+from minipar.comm.group import CommLedger, Group  # noqa: E402
+from minipar.comm.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
 from minipar.nn import GPTConfig  # noqa: E402
-from minipar.parallel.data_parallel import DataParallel  # noqa: E402
+from minipar.parallel.data.ddp import DataParallel  # noqa: E402
 
 SYNC_MODES = {
     "bucketed+overlap": dict(bucket_bytes=2 ** 20, overlap=True),

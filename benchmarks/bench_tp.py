@@ -3,7 +3,7 @@
 
 All ranks of the job form one tensor-parallel group (ProcessGrid(world, 1, 1, N)),
 so under `-n 1` this is the serial step and under `-n 2` each rank holds half of
-every layer's heads and MLP columns (tensor_parallel.py). The bench GPT
+every layer's heads and MLP columns (parallel/tensor/megatron.py). The bench GPT
 (common.BENCH_GPT) trains on the global batch of 8 as in bench_dp.py, so
 speed-up = step time at tp = 1 / step time at tp = N (run.py prints it).
 
@@ -20,7 +20,7 @@ as the least disturbed reading.
 Bytes per step come from the tp ledger and are compared with Megatron's count
 for the layers (memory.tp_comm_elements: per layer, two all-reduces of b*s*h
 forward (g) and two backward (f), 8*b*s*h*(t-1)/t elements). The rest of the
-traffic is outside the layers (tensor_parallel.py's docstring): the embedding's
+traffic is outside the layers (megatron.py's docstring): the embedding's
 g forward and the head's f backward (one all-reduce of b*s*h each) and the
 vocab-parallel loss (all-reduces of b*s row maxima and 2*b*s sums).
 """
@@ -34,8 +34,8 @@ from common import BATCH, BENCH_GPT, bench_task, machine_load, one_blas_thread, 
 
 one_blas_thread()  # before numpy is imported (minipar imports it)
 
-from minipar.dist.comm import CommLedger, Group  # noqa: E402
-from minipar.dist.grid import ProcessGrid  # noqa: E402
+from minipar.comm.group import CommLedger, Group  # noqa: E402
+from minipar.comm.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
 from minipar.memory import tp_comm_elements  # noqa: E402
 from minipar.nn import GPTConfig  # noqa: E402

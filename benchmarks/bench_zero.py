@@ -4,9 +4,9 @@
 Every rank is a data-parallel rank (ProcessGrid(world, N, 1, 1)); the bench GPT
 (common.BENCH_GPT) trains on the global batch of 8 under five layouts:
 
-    stage 0            plain DDP (data_parallel.py): all-reduce the gradients
-    stage 1, 2, 3      ZeroOptimizer (zero.py): optimizer states, + gradients, + parameters sharded
-    stage 2 + offload  stage 2 with the optimizer state and step on the host (offload.py)
+    stage 0            plain DDP (parallel/data/ddp.py): all-reduce the gradients
+    stage 1, 2, 3      ZeroOptimizer (parallel/zero/stages.py): optimizer states, + gradients, + parameters sharded
+    stage 2 + offload  stage 2 with the optimizer state and step on the host (zero/shard_optimizer.py)
 
 and under two precisions: fp32, and mixed (fp16 parameters and gradients, fp32
 master weights; slower here, since a CPU computes fp16 by casting).
@@ -22,7 +22,7 @@ For each layout the run reports, per rank and step:
     §5): fp32 16Φ, 8Φ+8Φ/N, 4Φ+12Φ/N, 16Φ/N; mixed 16Φ, 4Φ+12Φ/N, 2Φ+14Φ/N, 16Φ/N.
     Φ is Φ_pad, the parameters with every flat unit padded to a multiple of N.
     Offload splits the bytes into device + host; under fp32 the host also keeps a
-    master copy of its shard (4Φ/N more than the formula, see offload.py).
+    master copy of its shard (4Φ/N more than the formula, see zero/shard_optimizer.py).
 
 Mixed precision starts with loss scale 2^15; a step whose gradients overflow is
 skipped (no optimizer step, so stages 1 and 2 skip their parameter all-gather
@@ -37,8 +37,8 @@ from common import (BATCH, BENCH_GPT, bench_task, machine_load, one_blas_thread,
 
 one_blas_thread()  # before numpy is imported (minipar imports it)
 
-from minipar.dist.comm import CommLedger, Group  # noqa: E402
-from minipar.dist.grid import ProcessGrid  # noqa: E402
+from minipar.comm.group import CommLedger, Group  # noqa: E402
+from minipar.comm.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
 from minipar.memory import bytes_per_param, comm_elements_per_step, model_state_bytes_formula  # noqa: E402
 from minipar.nn import GPTConfig  # noqa: E402

@@ -15,7 +15,7 @@ stages), and then the number is what this run measured:
                              (max over ranks) and their ratio to DP's.
   implementation complexity  how much code the strategy needs: High = most. Backed by
                              the lines of its own files (not blank, not comment-only);
-                             ZeRO's stages share zero.py and flat.py.
+                             ZeRO's stages share parallel/zero/.
   scalability                how the largest trainable model grows as devices are added.
                              Backed by minipar.plan's model-state formulas (memory.py):
                              the largest Φ whose model states fit in 80 GB devices
@@ -42,8 +42,8 @@ import time
 import numpy as np
 
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.memory import model_state_bytes_formula
 from minipar.nn import GPTConfig
@@ -55,14 +55,14 @@ DEVICE_COUNTS = (8, 64, 512)
 #   name, layout on 8 ranks (scaled down for fewer; micro_batches defaults to 2*pp),
 #   scale (caps of tp / pp when the devices grow; dp takes the rest), the seed's words for
 #   memory efficiency / communication cost / implementation complexity, its modules (minipar.*)
-DP_FILES = ("parallel.data_parallel",)
-PP_FILES = ("parallel.pipeline", "parallel.schedules", "parallel.stages")
-TP_FILES = ("parallel.tensor_parallel", "parallel.sequence_parallel", "parallel.vocab_parallel")
-ZERO_FILES = ("parallel.zero", "parallel.flat")
-OFFLOAD_FILES = ZERO_FILES + ("parallel.offload",)
+DP_FILES = ("parallel.data.ddp",)
+PP_FILES = ("parallel.pipeline.executor", "parallel.pipeline.schedules", "parallel.pipeline.stages")
+TP_FILES = ("parallel.tensor.megatron", "parallel.tensor.sequence", "parallel.tensor.vocab")
+ZERO_FILES = ("parallel.zero.stages", "parallel.zero.partition")
+OFFLOAD_FILES = ZERO_FILES + ("parallel.zero.shard_optimizer",)
 CP_FILES = ("parallel.context.model", "parallel.context.ring_attention", "parallel.context.ulysses",
             "parallel.context.split", "parallel.context.online_softmax")
-THREE_D_FILES = DP_FILES + ("dist.grid",) + TP_FILES + PP_FILES + ZERO_FILES
+THREE_D_FILES = DP_FILES + ("comm.grid",) + TP_FILES + PP_FILES + ZERO_FILES
 RUNS = [
     ("DP",         dict(dp=8),                                      {},               "Low",    "Medium", "Low",    DP_FILES),
     ("TP",         dict(tp=8),                                      dict(tp=8),       "High",   "High",   "High",   TP_FILES),
@@ -132,7 +132,7 @@ def measure(name, layout, cfg, world, steps, batch, task):
     sent = ledger.since(mark).total_bytes()          # the last step's traffic
     bubble = None
     if engine.pipeline is not None:
-        from minipar.parallel.schedules import bubble_fraction, simulate
+        from minipar.parallel.pipeline.schedules import bubble_fraction, simulate
         executed = engine.pipeline.gather_executed()       # every stage's actions of the last step (pp group)
         bubble = float(bubble_fraction(simulate(executed, lay.pp, lay.virtual_stages), lay.pp))
     row = np.array([engine.ledger.model_state_bytes("device"), engine.ledger.model_state_bytes("host"),

@@ -1,9 +1,9 @@
 """One training step for any layout: the place where the strategies compose.
 
     full GPT (from the seed, identical on every rank)
-      -> tensor-parallel shard (tp > 1)          parallel/tensor_parallel.py
+      -> tensor-parallel shard (tp > 1)          parallel/tensor/megatron.py
       -> this rank's sequence chunks (cp > 1)     parallel/context/model.py
-      -> this rank's pipeline stage (pp > 1)      parallel/pipeline.py
+      -> this rank's pipeline stage (pp > 1)      parallel/pipeline/executor.py
       -> gradient sync over dp x cp: DDP buckets or ZeRO shards
       -> optimizer (AdamW / SGD; master weights + loss scaling under `mixed`)
 
@@ -20,7 +20,7 @@ import numpy as np
 from minipar import autograd
 from minipar.backend import array_module, device_module, to_device, to_host
 from minipar.contracts import LocalGrads
-from minipar.dist.ledger import CommLedger
+from minipar.comm.ledger import CommLedger
 from minipar.memory import MemoryLedger
 from minipar.nn import GPT
 from minipar.optim import SGD, AdamW, LossScaler, prepare_step
@@ -140,7 +140,7 @@ class Engine:
         elif lay.ep > 1:
             raise ValueError(f"ep={lay.ep} needs a mixture of experts (experts > 0) and more than one rank")
         if lay.tp > 1:
-            from minipar.parallel.tensor_parallel import shard_tensor_parallel
+            from minipar.parallel.tensor.megatron import shard_tensor_parallel
             self.model = shard_tensor_parallel(self.model, grid.tp_group, lay.sequence_parallel)
         if lay.cp > 1:
             from minipar.parallel.context.model import check_context_parallel, shard_context_parallel
@@ -149,7 +149,7 @@ class Engine:
                                                 self.xp, self.ledger.transfers)
         self.pipeline = None
         if lay.pp > 1:
-            from minipar.parallel.pipeline import Pipeline
+            from minipar.parallel.pipeline.executor import Pipeline
             self.pipeline = Pipeline(self.model, grid, lay, seed=seed, tracer=tracer)
             self.params = self.pipeline.parameters()
         else:
@@ -157,7 +157,7 @@ class Engine:
         for p in self.params:                    # built and cut on the host, now moved to the device once
             p.data = to_device(p.data, self.xp, self.ledger.transfers)
         if lay.zero or lay.offload:
-            from minipar.parallel.zero import ZeroOptimizer
+            from minipar.parallel.zero.stages import ZeroOptimizer
             if self.experts is not None:           # dense params sharded over dp, experts over edp
                 from minipar.parallel.expert.sync import ExpertZero
                 self.optimizer = self.sync = ExpertZero(self.params, self.expert_params, self.experts, lay,
@@ -171,7 +171,7 @@ class Engine:
                 self.sync = ExpertDataParallel(self.params, self.expert_params, self.experts,
                                                lay.bucket_bytes, lay.overlap and lay.pp == 1)
             elif self.dp_group is not None and self.dp_group.size > 1:
-                from minipar.parallel.data_parallel import DataParallel
+                from minipar.parallel.data.ddp import DataParallel
                 self.sync = DataParallel(self.params, self.dp_group, lay.bucket_bytes, lay.overlap and lay.pp == 1)
             else:
                 self.sync = LocalGrads(self.params)

@@ -1,4 +1,4 @@
-"""Parity: does a sharded run equal the serial run? One call, one collective verdict.
+"""Parity: does a sharded run equal the serial run? One relative error, one collective verdict.
 
 Every local parameter knows (its ShardSpec) which slice of which serial array it
 is, so the expected value on any rank is `spec.take(serial_array)`: no gathering
@@ -10,13 +10,10 @@ All ranks allreduce their worst error, so they agree on pass/fail and a
 failure never deadlocks. Tolerances: float64 1e-12-ish (only reduction order
 differs); float32 and mixed precision have their own, stated in TOLERANCE.
 """
-import math
-
 import numpy as np
 
 from minipar.backend import to_host
 from minipar.diagnosis import likely_cause, nearest
-from minipar.dist.verdict import VerdictError
 
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-4, "mixed": 5e-2}
 
@@ -41,17 +38,71 @@ def format_tolerance(tol):
     return f"{tol:g}"
 
 
-def rel_err(got, expected, metric="max"):
-    """max: max|a - b| / max|b|, the strict per-element check the tests use;
-    norm: ||a - b||_2 / ||b||_2, for whole-run checks (train --check), where a few entries
-    (near-zero gradients that Adam turns into full steps) would dominate the max."""
+TINY = 1e-300  # floor for every scale below, so an all-zero expectation still works
+
+
+class VerdictError(AssertionError):
+    """Raised on every rank of a group at once: the ranks agree the check failed."""
+
+
+def agree(group, ok, message):
+    """Pass if `ok` on every rank of group; else raise VerdictError on all of them.
+
+    Under MPI a plain `assert` that fails on one rank leaves the others waiting in their
+    next collective forever; a verdict first agrees on the outcome, so it never deadlocks."""
+    __tracebackhide__ = True  # pytest: show the test's line, not this function
+    # one int64 over the group: did any rank fail?
+    if not group.max_(0 if ok else 1):
+        return
+    # small pickled strings from every rank: who failed and why
+    messages = group.allgather_object(None if ok else str(message))
+    failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
+    lines = [f"{len(failed)} of {group.size} ranks of group {group.name!r} failed:"]
+    lines += [f"  rank {rank} (world rank {group.ranks[rank]}): {text}" for rank, text in failed]
+    raise VerdictError("\n".join(lines))
+
+
+def _diff_and_scale(got, expected, metric):
+    """(size of got - expected, size of expected) in float64 on the host: max|.| or ||.||_2."""
     got, expected = to_host(got).astype(np.float64), to_host(expected).astype(np.float64)
+    if metric == "norm":
+        return float(np.linalg.norm(got - expected)), max(float(np.linalg.norm(expected)), TINY)
+    return (float(np.abs(got - expected).max(initial=0.0)),
+            max(float(np.abs(expected).max(initial=0.0)), TINY))
+
+
+def rel_err(got, expected, metric="max"):
+    """The one relative error of minipar.
+
+    max:  max|a - b| / max|b|, the strict per-element check the tests use; one scale for
+          the whole array, so elements near zero do not blow the error up;
+    norm: ||a - b||_2 / ||b||_2, for whole-run checks (train --check), where a few entries
+          (near-zero gradients that Adam turns into full steps) would dominate the max.
+    A shape mismatch is inf, a NaN gives NaN, and equal non-finite scalars (a step skipped
+    on both sides) agree with 0."""
+    got, expected = np.asarray(to_host(got)), np.asarray(to_host(expected))
     if got.shape != expected.shape:
         return float("inf")
-    if metric == "norm":
-        return float(np.linalg.norm(got - expected)) / max(float(np.linalg.norm(expected)), 1e-300)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    return float(np.abs(got - expected).max(initial=0.0)) / scale
+    if got.ndim == 0 and not (np.isfinite(got) and np.isfinite(expected)):
+        return 0.0 if got == expected else float("inf")
+    diff, scale = _diff_and_scale(got, expected, metric)
+    return diff / scale
+
+
+def assert_close(group, name, got, expected, rtol, atol=0.0):
+    """Collective check on every rank: max|got - expected| <= atol + rtol * max|expected|.
+    Returns this rank's rel_err (inf on a shape mismatch)."""
+    __tracebackhide__ = True
+    if np.shape(got) != np.shape(expected):
+        err, ok = float("inf"), False
+        why = f"shape {np.shape(got)} != expected {np.shape(expected)}"
+    else:
+        diff, scale = _diff_and_scale(got, expected, "max")
+        err, ok = diff / scale, diff <= atol + rtol * scale  # ok is False for NaN
+        why = (f"max rel err {err:.3e} > rtol {rtol:g}" + (f" + atol {atol:g}" if atol else "")
+               + f" (max abs err {diff:.3e}, shape {np.shape(got)})")
+    agree(group, ok, f"{name}: {why}")
+    return err
 
 
 class Rows(list):
@@ -71,13 +122,6 @@ def scale_factor(got, expected):
         return None
     denom = float(expected @ expected)
     return float(got @ expected) / denom if denom > 0 else None
-
-
-def _scalar_err(got, expected):
-    """rel_err of two scalars; equal non-finite values (a skipped step on both sides) agree."""
-    if not (math.isfinite(got) and math.isfinite(expected)):
-        return 0.0 if got == expected else float("inf")
-    return abs(got - expected) / max(abs(expected), 1e-300)
 
 
 def compare_models(local, serial, quantities=("param", "grad", "m", "v"), metric="max"):
@@ -107,8 +151,8 @@ def compare_models(local, serial, quantities=("param", "grad", "m", "v"), metric
             if key in quantities and key in opt and key in sopt:
                 rows.append((key, name, rel_err(opt[key], take(sopt[key]), metric)))
     if "grad" in quantities and local.grad_norm is not None and serial.grad_norm is not None:
-        rows.append(("grad_norm", "global", _scalar_err(float(local.grad_norm), float(serial.grad_norm))))
-        rows.scales["grad_norm", "global"] = float(local.grad_norm) / max(float(serial.grad_norm), 1e-300)
+        rows.append(("grad_norm", "global", rel_err(np.float64(local.grad_norm), np.float64(serial.grad_norm))))
+        rows.scales["grad_norm", "global"] = float(local.grad_norm) / max(float(serial.grad_norm), TINY)
     order = {"grad": 0, "grad_norm": 1, "param": 2, "m": 3, "v": 4}
     rows.sort(key=lambda r: order[r[0]])
     return rows
@@ -159,7 +203,6 @@ def check(group, rows, tol, where="", loss=None):
 def failure_message(reports, layout, limit, where=""):
     """One line from every rank's (failing rows, row counts): likely cause, then evidence."""
     everywhere = [(rank, q, n, e, s) for rank, (bad, _, _) in enumerate(reports) for q, n, e, s in bad]
-    ranks = sorted({r[0] for r in everywhere})
     counts, names = {}, set()
     for _, c, held in reports:
         names.update(held)

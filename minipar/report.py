@@ -19,7 +19,7 @@ from minipar import parity as parity_mod
 
 
 def make_tracer(rank):
-    from minipar.trace import Tracer
+    from minipar.parallel.pipeline.trace import Tracer
     return Tracer(rank)
 
 
@@ -82,7 +82,7 @@ def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_time
         summary["parity"] = {"max_rel_err": worst, "ok": parity_failure is None, "tol": tol,
                              "metric": parity_mod.RUN_METRIC[cfg.precision], "failure": parity_failure}
     if tracer is not None and engine.pipeline is not None:
-        from minipar import trace
+        from minipar.parallel.pipeline import trace
         events = engine.pipeline.gather_step_events()          # collective over pp
         info = engine.pipeline.trace_summary(layout.micro_batches)
         summary["bubble"] = info["bubble"]
@@ -170,7 +170,7 @@ def comm_table(comm):
 
 
 def save_trace_png(summary, path, labels=None):
-    from minipar import trace
+    from minipar.parallel.pipeline import trace
     return trace.save_png(summary["_events"], path, "pipeline schedule, last step", labels)
 
 
@@ -178,7 +178,7 @@ def save_trace(path, summary, world, grid, tracer, last_step):
     """--trace: `path` ending in .json -> the Chrome trace of the last step (every layout;
     collective over world); else the PNG Gantt of rank 0's pipeline (pp > 1, matplotlib).
     `last_step` = (index, start, end) on time.perf_counter. Returns the line to print."""
-    from minipar import trace
+    from minipar.parallel.pipeline import trace
     if path.endswith(".json"):
         timeline = trace.gather_timeline(world, grid, tracer, world.ledger, last_step)
         if world.rank == 0:

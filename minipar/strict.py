@@ -185,6 +185,6 @@ def __getattr__(name):
 
 def mpi_view(a):
     """What a CUDA-aware MPI reads and writes for device array `a`: its memory itself (here,
-    the NumPy array inside). Only dist/wire.py's direct path may use it, as mpi4py does with
+    the NumPy array inside). Only comm/wire.py's direct path may use it, as mpi4py does with
     a CuPy array's __cuda_array_interface__."""
     return a._a

@@ -21,8 +21,8 @@ import numpy as np
 from minipar import checkpoint, plan
 from minipar.backend import DEVICES, device_module
 from minipar.data import TextTask, make_task
-from minipar.dist.comm import CommLedger, Group, exit_agreed
-from minipar.dist.grid import ProcessGrid, default_layout
+from minipar.comm.group import CommLedger, Group, exit_agreed
+from minipar.comm.grid import ProcessGrid, default_layout
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 from minipar.parallel.context.model import check_context_parallel
@@ -520,5 +520,5 @@ def main(argv=None, world=None):
 if __name__ == "__main__":
     code = main()
     if code:                        # every rank reached this code alike: a clean collective exit,
-        exit_agreed(code)           # with no MPI_Abort banner (see dist/comm.py)
+        exit_agreed(code)           # with no MPI_Abort banner (see comm/group.py)
     sys.exit(0)

@@ -4,7 +4,7 @@
     mpiexec -n 8 python -m mpi4py -m pytest -m mpi             # the MPI part
 
 Under MPI, a failure must never leave ranks waiting for each other:
-- assertions are collective verdicts (minipar.dist.verdict): all ranks agree;
+- assertions are collective verdicts (minipar.parity): all ranks agree;
 - hypothesis is derandomized (below), so every rank draws the same examples;
 - after each test, and each hypothesis example, the ranks compare outcomes on a
   private communicator, so hypothesis shrinks in step on every rank. A test
@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 import grading
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.verdict import VerdictError
+from minipar.comm.group import CommLedger, Group
+from minipar.parity import VerdictError
 
 # every rank must draw the same examples: derandomized, no example database, no deadline
 # (timing differs between ranks), and no timing-based health check

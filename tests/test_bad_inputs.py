@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from minipar import checkpoint
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.verdict import agree
+from minipar.comm.group import CommLedger, Group
+from minipar.parity import agree
 from minipar.train import main
 
 pytestmark = pytest.mark.core      # the training job's checkpoints and input checks: a core part

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from minipar import checkpoint
-from minipar.dist.comm import CommLedger, Group
+from minipar.comm.group import CommLedger, Group
 from minipar.train import main
 
 pytestmark = pytest.mark.core      # the training job's checkpoints: a core part

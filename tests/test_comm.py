@@ -1,4 +1,4 @@
-"""Group (minipar/dist/comm.py): every operation against a NumPy reference, and the ledger's bytes.
+"""Group (minipar/comm/group.py): every operation against a NumPy reference, and the ledger's bytes.
 
 Data are small integers stored as floats, so every sum is exact in every dtype
 (float16 included) and results must match the reference bit for bit.
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipar.dist.comm import CommLedger, Group, Request, ring_bytes
-from minipar.dist.verdict import agree, assert_close
+from minipar.comm.group import CommLedger, Group, Request, ring_bytes
+from minipar.parity import agree, assert_close
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
 

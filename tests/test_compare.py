@@ -34,8 +34,8 @@ def test_scalability_word_follows_the_growth_from_8_to_512_devices():
 
 
 def test_code_lines_count_the_strategy_s_own_files():
-    dp = compare.code_lines(("parallel.data_parallel",))
-    source = pathlib.Path(compare.__file__).parent / "parallel" / "data_parallel.py"
+    dp = compare.code_lines(("parallel.data.ddp",))
+    source = pathlib.Path(compare.__file__).parent / "parallel" / "data" / "ddp.py"
     lines = source.read_text().splitlines()
     assert 0 < dp == sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#")) < len(lines)
     files = {name: f for name, *_, f in compare.RUNS}

@@ -19,8 +19,8 @@ from hypothesis import given, settings, strategies as st
 from minipar import memory, ops, parity
 from minipar.autograd import Tensor
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger
-from minipar.dist.grid import ProcessGrid
+from minipar.comm.group import CommLedger
+from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 from minipar.parallel.context import online_softmax as osm

@@ -11,8 +11,8 @@ import pytest
 
 from minipar import memory, ops
 from minipar.autograd import Tensor, track_saved
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout
 from minipar.memory import MemoryLedger
 from minipar.parallel.context.ring_attention import RingAttention
@@ -100,7 +100,7 @@ def test_cp_groups_hold_the_right_ranks(world, dims):
     """rank = ((d*pp + p)*cp + c)*tp + t: tp fastest, then cp, pp, dp; dp_cp = same (p, t)."""
     if world.size != 8:
         pytest.skip("written for 8 ranks")
-    from minipar.dist.grid import grid_rank
+    from minipar.comm.grid import grid_rank
     dp, pp, cp, tp = dims
     grid = ProcessGrid(world, dp, pp, tp, cp)
     d, p, c, t = grid.dp_rank, grid.pp_rank, grid.cp_rank, grid.tp_rank

@@ -1,4 +1,4 @@
-"""DDP (minipar/parallel/data_parallel.py) against the serial oracle, its bytes and its overlap.
+"""DDP (minipar/parallel/data/ddp.py) against the serial oracle, its bytes and its overlap.
 
 Parity: hypothesis draws a layout (dp in {1, 2, 4, 8}, global batch, bucket size from
 one parameter per bucket to a single bucket, gradient-accumulation micro-batches,
@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
-from minipar.parallel.data_parallel import DataParallel
+from minipar.parallel.data.ddp import DataParallel
 
 from strategies import seeds
 

@@ -26,12 +26,12 @@ import pytest
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group, Request
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import CommLedger, Group, Request
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
-from minipar.parallel.data_parallel import DataParallel
+from minipar.parallel.data.ddp import DataParallel
 
 pytestmark = [pytest.mark.mpi, pytest.mark.dp]
 

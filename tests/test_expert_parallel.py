@@ -15,9 +15,9 @@ from hypothesis import given, settings, strategies as st
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 

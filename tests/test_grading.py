@@ -43,7 +43,7 @@ def test_an_uncaught_mistake_says_so():
 
 
 def test_a_verdict_keeps_its_first_failing_rank_on_one_line():
-    from minipar.dist.verdict import VerdictError
+    from minipar.parity import VerdictError
     exc = VerdictError("2 of 4 ranks of group 'tp' failed:\n  rank 0 (world rank 0): f differs\n  rank 1 ...")
     assert grading.cause_of(FakeItem(), exc) == "rank 0 (world rank 0): f differs (2 of 4 ranks of group 'tp' failed)"
 

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minipar.dist.comm import Group
-from minipar.dist.grid import ProcessGrid, default_layout, grid_coords, grid_rank, validate_layout
-from minipar.dist.verdict import agree
+from minipar.comm.group import Group
+from minipar.comm.grid import ProcessGrid, default_layout, grid_coords, grid_rank, validate_layout
+from minipar.parity import agree
 
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on

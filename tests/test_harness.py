@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from minipar.dist.comm import Group
+from minipar.comm.group import Group
 
 pytestmark = [pytest.mark.core,
               pytest.mark.skipif(Group.world().size > 1, reason="starts its own MPI jobs: run it serially")]
@@ -54,7 +54,7 @@ def run_on_two_ranks(tmp_path, test_source):
 
 def test_a_verdict_failing_on_rank_1_fails_every_rank_and_names_it(tmp_path):
     code, output, seconds = run_on_two_ranks(tmp_path, """
-        from minipar.dist.verdict import agree
+        from minipar.parity import agree
 
         def test_rank_1_disagrees(world):
             agree(world, world.rank != 1, f"rank {world.rank} computed the wrong thing")

@@ -17,16 +17,16 @@ from minipar.backend import to_device
 from minipar import autograd, parity
 from minipar.autograd import Tensor
 from minipar.data import ReverseTask
-from minipar.dist.comm import Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.memory import MemoryLedger, pp_comm_elements
 from minipar.nn import GPT, DropoutKey, GPTConfig
-from minipar.parallel import schedules
-from minipar.parallel.pipeline import Pipeline
-from minipar.parallel.stages import build_stages, split_layers, stage_owner, virtual_stage
-from minipar.trace import Tracer
+from minipar.parallel.pipeline import schedules
+from minipar.parallel.pipeline.executor import Pipeline
+from minipar.parallel.pipeline.stages import build_stages, split_layers, stage_owner, virtual_stage
+from minipar.parallel.pipeline.trace import Tracer
 
 pytestmark = pytest.mark.pp
 SEED, TASK, TOL = 3, ReverseTask(n_digits=4), parity.TOLERANCE["fp64"]

@@ -20,11 +20,11 @@ import pytest
 from minipar import parity
 from minipar.autograd import Tensor
 from minipar.data import ReverseTask
-from minipar.dist.grid import ProcessGrid
+from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
-from minipar.parallel import pipeline
-from minipar.parallel.schedules import Action
+from minipar.parallel.pipeline import executor as pipeline
+from minipar.parallel.pipeline.schedules import Action
 from test_pipeline import pipeline_group
 
 pytestmark = [pytest.mark.mpi, pytest.mark.pp]

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from minipar import checkpoint
 from minipar.data import ReverseTask
-from minipar.dist.comm import Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 from minipar.parity import rel_err

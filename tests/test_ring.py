@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipar.dist import ring
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.verdict import VerdictError, agree, assert_close
+from minipar.comm import ring
+from minipar.comm.group import CommLedger, Group
+from minipar.parity import VerdictError, agree, assert_close
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
 

@@ -8,9 +8,9 @@ import pytest
 
 from minipar import backend, ops, strict
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout
 from minipar.nn import GPTConfig
 

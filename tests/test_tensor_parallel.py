@@ -1,4 +1,4 @@
-"""Tensor parallelism (minipar/parallel/tensor_parallel.py, sequence_parallel.py, vocab_parallel.py).
+"""Tensor parallelism (minipar/parallel/tensor/megatron.py, sequence.py, vocab.py).
 
 * the conjugate operators f, g and their sequence-parallel counterparts, value by value;
 * the vocab-parallel loss and argmax against the full-logits ones;
@@ -23,15 +23,15 @@ from hypothesis import strategies as st
 from minipar import ops, parity
 from minipar.autograd import Tensor, track_saved
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree, assert_close
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree, assert_close
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.memory import MemoryLedger, tp_comm_elements
 from minipar.nn import GPT, DropoutKey, GPTConfig
-from minipar.parallel.sequence_parallel import GatherSeq, ReduceScatterSeq, seq_slice
-from minipar.parallel.tensor_parallel import CopyToTP, ReduceFromTP, shard_tensor_parallel, split_heads
-from minipar.parallel.vocab_parallel import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from minipar.parallel.tensor.sequence import GatherSeq, ReduceScatterSeq, seq_slice
+from minipar.parallel.tensor.megatron import CopyToTP, ReduceFromTP, shard_tensor_parallel, split_heads
+from minipar.parallel.tensor.vocab import vocab_parallel_argmax, vocab_parallel_cross_entropy
 
 pytestmark = pytest.mark.tp
 

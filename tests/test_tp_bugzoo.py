@@ -26,10 +26,10 @@ import pytest
 
 from minipar.backend import array_module
 from minipar import parity
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
 from minipar.engine import Layout
-from minipar.parallel import sequence_parallel, tensor_parallel, vocab_parallel
+from minipar.parallel.tensor import megatron as tensor_parallel, sequence as sequence_parallel, vocab as vocab_parallel
 from test_tensor_parallel import config, lockstep
 
 pytestmark = [pytest.mark.mpi, pytest.mark.tp]

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from minipar import trace
-from minipar.dist.comm import CommEntry, CommLedger, Group
-from minipar.parallel import schedules
-from minipar.parallel.schedules import Event
+from minipar.parallel.pipeline import trace
+from minipar.comm.group import CommEntry, CommLedger, Group
+from minipar.parallel.pipeline import schedules
+from minipar.parallel.pipeline.schedules import Event
 
 pytestmark = pytest.mark.pp
 

@@ -1,4 +1,4 @@
-"""Device arrays through MPI (minipar/dist/wire.py): staged through the host, or direct.
+"""Device arrays through MPI (minipar/comm/wire.py): staged through the host, or direct.
 
 The device here is minipar.strict, the CPU stand-in for CuPy, so both paths run
 on any machine: "staged" is what the PyPI MPICH gets (not CUDA-aware), "direct"
@@ -16,10 +16,10 @@ import pytest
 
 from minipar import strict
 from minipar.backend import Transfers, to_device, to_host
-from minipar.dist import comm
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.verdict import agree
-from minipar.dist.wire import Wire
+from minipar.comm import group as comm
+from minipar.comm.group import CommLedger, Group
+from minipar.parity import agree
+from minipar.comm.wire import Wire
 
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on

@@ -1,4 +1,4 @@
-"""ZeRO-1/2/3 and ZeRO-Offload (parallel/zero.py, flat.py, offload.py) against the serial run.
+"""ZeRO-1/2/3 and ZeRO-Offload (parallel/zero/) against the serial run.
 
     serial:  every helper on one rank; the partition arithmetic; dp_group None
     MPI:     parity (property-based: stage x offload x dp x micro-batches x clipping),
@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 
 from minipar import autograd
 from minipar.data import ReverseTask
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OnDevice, OptimConfig
 from minipar.memory import (MemoryLedger, bytes_per_param, comm_elements_per_step, measure_alive,
                             model_state_breakdown, model_state_bytes_formula, padded_numel)
 from minipar.nn import GPT, GPTConfig, Parameter
-from minipar.parallel.flat import Partition, unit_groups
-from minipar.parallel.zero import ZeroOptimizer
+from minipar.parallel.zero.partition import Partition, unit_groups
+from minipar.parallel.zero.stages import ZeroOptimizer
 from minipar.parity import TOLERANCE, check, compare_models
 
 pytestmark = pytest.mark.zero

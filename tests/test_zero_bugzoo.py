@@ -1,7 +1,7 @@
 """Bug zoo for ZeRO: each classic mistake, monkeypatched in, must fail a check.
 
 A parity check that cannot fail proves nothing. Each test plants one bug in
-zero.py / flat.py / offload.py, trains a few fp64 steps next to the serial
+zero/stages.py, partition.py and shard_optimizer.py, trains a few fp64 steps next to the serial
 run and asserts that `parity.check` raises ParityError on every rank. The
 clipping-norm bugs leave every gradient right and are named by the gradient-norm row
 that `train_and_compare` checks after every step. The last bug computes the right numbers and wastes memory: the tracemalloc
@@ -10,11 +10,11 @@ cross-check of the memory ledger must catch that one.
 import pytest
 
 from minipar import ops
-from minipar.dist.verdict import agree
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
-from minipar.parallel import flat
-from minipar.parallel.offload import ShardOptimizer
-from minipar.parallel.zero import Regather, ZeroOptimizer
+from minipar.parallel.zero import partition as flat
+from minipar.parallel.zero.shard_optimizer import ShardOptimizer
+from minipar.parallel.zero.stages import Regather, ZeroOptimizer
 from minipar.parity import TOLERANCE, ParityError
 from test_zero import TASK, alive_beyond_activations, pair, train_and_compare
 

@@ -15,14 +15,14 @@
 #
 # Every step, every rank sends S/n bytes, so each rank sends
 # 2(n-1)·S/n in total: less than 2S however many ranks there are.
-# The code is `minipar/dist/ring.py`; here we watch it run.
+# The code is `minipar/comm/ring.py`; here we watch it run.
 
 # %%
 import numpy as np
 
-from minipar.dist import ring
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.verdict import agree, assert_close
+from minipar.comm import ring
+from minipar.comm.group import CommLedger, Group
+from minipar.parity import agree, assert_close
 
 world = Group.world()
 if world.size == 1:                             # one rank splits nothing: say so, do not crash

@@ -11,7 +11,7 @@
 #
 # After it, every rank holds the same g, takes the same optimizer step, and the
 # N model copies stay identical. That is all of data parallelism; what
-# `minipar/parallel/data_parallel.py` adds is doing it *fast*, like PyTorch's
+# `minipar/parallel/data/ddp.py` adds is doing it *fast*, like PyTorch's
 # DDP (Li et al. 2020): gradients live in a few flat **buckets**, and a bucket's
 # all-reduce starts the moment its last gradient is ready, while backward is
 # still computing the rest (**overlap**).
@@ -21,12 +21,12 @@ import numpy as np
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree, assert_close, max_rel_err
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree, assert_close, rel_err
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPT, GPTConfig
-from minipar.parallel.data_parallel import DataParallel
+from minipar.parallel.data.ddp import DataParallel
 
 world = Group.world(ledger=CommLedger())
 if world.size == 1:                             # one rank splits nothing: say so, do not crash
@@ -110,7 +110,7 @@ with dp.ledger.measure() as sync_calls:
 say(f"\nbuckets launched, after each of the {len(in_flight)} gradients: {in_flight}")
 say("the first all-reduce starts while backward still has gradients to compute")
 
-errors = [max_rel_err(p.grad, g_serial[p.name]) for p in model.parameters()]
+errors = [rel_err(p.grad, g_serial[p.name]) for p in model.parameters()]
 say(f"max relative error of the averaged gradient vs the serial one: {max(errors):.1e}")
 
 # %% [markdown]

@@ -16,7 +16,7 @@
 #     f: identity forward, all-reduce backward    (X enters: every rank needs all of X)
 #     g: all-reduce forward, identity backward    (Z leaves: the partial sums are added)
 #
-# Attention is split the same way, by whole heads. `minipar/parallel/tensor_parallel.py`
+# Attention is split the same way, by whole heads. `minipar/parallel/tensor/megatron.py`
 # does all of it; this tutorial opens it up:
 #
 # 1. each rank's weight shapes;
@@ -32,13 +32,13 @@ import numpy as np
 from minipar import parity
 from minipar.autograd import Tensor, track_saved
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree, assert_close
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree, assert_close
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.memory import MemoryLedger, tp_comm_elements
 from minipar.nn import GPT, DropoutKey, GPTConfig
-from minipar.parallel.tensor_parallel import CopyToTP, ReduceFromTP, shard_tensor_parallel
+from minipar.parallel.tensor.megatron import CopyToTP, ReduceFromTP, shard_tensor_parallel
 
 world = Group.world(ledger=CommLedger())
 if world.size == 1:                             # one rank splits nothing: say so, do not crash

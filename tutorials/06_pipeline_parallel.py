@@ -24,14 +24,14 @@
 # %%
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.memory import pp_comm_elements
 from minipar.nn import GPTConfig
-from minipar.parallel import schedules
-from minipar.trace import Tracer, ascii_gantt
+from minipar.parallel.pipeline import schedules
+from minipar.parallel.pipeline.trace import Tracer, ascii_gantt
 
 world = Group.world(ledger=CommLedger())
 if world.size == 1:                             # one rank splits nothing: say so, do not crash

@@ -27,13 +27,13 @@ import numpy as np
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
-from minipar.dist.verdict import agree
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
+from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.memory import comm_elements_per_step, model_state_bytes_formula
 from minipar.nn import GPTConfig, Parameter
-from minipar.parallel.flat import Partition
+from minipar.parallel.zero.partition import Partition
 
 world = Group.world(ledger=CommLedger())
 if world.size == 1:                             # one rank splits nothing: say so, do not crash
@@ -60,7 +60,7 @@ def config(precision):
 #
 # To cut the model state into N equal, contiguous pieces, ZeRO flattens the
 # parameters one after another into one buffer, pads it with zeros to a
-# multiple of N, and gives rank r the r-th chunk (`parallel/flat.py`). A chunk
+# multiple of N, and gives rank r the r-th chunk (`parallel/zero/partition.py`). A chunk
 # ignores parameter boundaries. Two parameters of 6 and 4 entries over 4 ranks:
 
 # %%

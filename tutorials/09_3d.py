@@ -15,8 +15,8 @@
 # %%
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 

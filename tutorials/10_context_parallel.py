@@ -16,8 +16,8 @@ import numpy as np
 from minipar import memory, parity
 from minipar.autograd import Tensor
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.nn import GPTConfig
 from minipar.parallel.context import online_softmax as osm

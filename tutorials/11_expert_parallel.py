@@ -13,8 +13,8 @@ import numpy as np
 from minipar import parity
 from minipar.autograd import no_grad
 from minipar.data import ReverseTask
-from minipar.dist.comm import CommLedger, Group
-from minipar.dist.grid import ProcessGrid
+from minipar.comm.group import CommLedger, Group
+from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.moe import top_k
 from minipar.nn import GPTConfig

@@ -21,8 +21,8 @@ import numpy as np
 
 from minipar.contracts import GradientSync, ModelOptimizer
 from minipar.optim import grad_stats
-from minipar.parallel.data_parallel import DataParallel
-from minipar.parallel.zero import ZeroOptimizer
+from minipar.parallel.data.ddp import DataParallel
+from minipar.parallel.zero.stages import ZeroOptimizer
 
 
 def split_params(params, experts):

@@ -62,7 +62,7 @@ class CommLedger:
     def __init__(self, entries=(), clock=None):
         self._entries = list(entries)
         self.clock = clock           # None: no timing; else a function -> seconds (time.perf_counter)
-        # running totals of host <-> device copies made to stage device buffers (dist/wire.py)
+        # running totals of host <-> device copies made to stage device buffers (comm/wire.py)
         self.transfers = Transfers()
 
     def record(self, op, group, dtype, elements, nbytes):

@@ -28,7 +28,7 @@ import numpy as np
 
 from minipar.backend import array_module, to_device, to_host
 from minipar.optim import adamw_update, sgd_update
-from minipar.parallel.flat import register
+from minipar.parallel.zero.partition import register
 
 
 class ShardOptimizer:

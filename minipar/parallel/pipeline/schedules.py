@@ -13,7 +13,7 @@ rank, the ordered actions of one training step over m micro-batches. Compute act
 and the point-to-point messages around them: RECV_F right before an F (not on stage 0),
 SEND_F right after it (not on stage S-1), RECV_B right before a B (not on stage S-1),
 SEND_B right after it (not on stage 0). Sends are non-blocking (isend), receives block;
-the executor in pipeline.py follows these lists exactly, and `simulate` replays them
+the executor in executor.py follows these lists exactly, and `simulate` replays them
 under the same rules, so "no deadlock in simulate" means "no deadlock when run".
 
 Time is *logical*: one unit per compute action (F = B = W = 1 unless told otherwise).

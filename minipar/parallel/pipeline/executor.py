@@ -31,12 +31,12 @@ import numpy as np
 
 from minipar.autograd import Tensor, no_grad, track_saved
 from minipar.backend import array_module, to_device
-from minipar.dist.comm import RING_TAG
+from minipar.comm.group import RING_TAG
 from minipar.memory import MemoryLedger
 from minipar.moe import AttachAux, WithAux, aux_of
-from minipar.parallel import schedules
-from minipar.parallel.stages import build_stages, is_tied, stage_owner
-from minipar.trace import Tracer, summary
+from minipar.parallel.pipeline import schedules
+from minipar.parallel.pipeline.stages import build_stages, is_tied, stage_owner
+from minipar.parallel.pipeline.trace import Tracer, summary
 
 FORWARD, BACKWARD = 0, 1   # message directions: activations go up, their gradients come down
 

@@ -6,12 +6,12 @@ methods take and return arrays and call mpi4py's uppercase buffer methods
 (Allreduce, Reduce_scatter_block, Allgather, Bcast, Send/Recv, Sendrecv, and
 Alltoall / Alltoallv for expert parallelism's token dispatch).
 
-Each call is recorded in the group's `CommLedger` (dist/ledger.py): op, group,
+Each call is recorded in the group's `CommLedger` (comm/ledger.py): op, group,
 dtype, elements and the bytes this rank sends under a ring algorithm.
 
 Arrays
 ------
-dist/wire.py turns arrays into MPI buffers: host arrays as they are, device
+comm/wire.py turns arrays into MPI buffers: host arrays as they are, device
 (CuPy) arrays either handed to a CUDA-aware MPI directly or staged through host
 memory, the bytes of each crossing counted in `ledger.transfers`. float16 is
 reduced in float32 and cast back; the ledger records the logical float16.
@@ -27,9 +27,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from minipar.dist import ring
-from minipar.dist.ledger import CommEntry, CommLedger, ring_bytes  # noqa: F401  (re-exported)
-from minipar.dist.wire import Wire, mpi_view, raw, wire_dtype
+from minipar.comm import ring
+from minipar.comm.ledger import CommEntry, CommLedger, ring_bytes  # noqa: F401  (re-exported)
+from minipar.comm.wire import Wire, mpi_view, raw, wire_dtype
 
 _MPI_OPS = {"sum": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX}
 _UFUNCS = {"sum": np.add, "avg": np.add, "max": np.maximum}
@@ -82,7 +82,7 @@ class Request:
 
 def _timed(method):
     """Stamp the ledger entries a Group call records with the call's wall-clock span, when
-    the ledger has a clock (dist/ledger.py; the --trace timeline's communication events)."""
+    the ledger has a clock (comm/ledger.py; the --trace timeline's communication events)."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         ledger = self.ledger

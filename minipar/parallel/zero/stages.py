@@ -3,7 +3,7 @@
 Plain data parallelism keeps everything on each of the N ranks; with mixed
 precision and Adam that is 2Φ (fp16 params) + 2Φ (fp16 grads) + KΦ (fp32
 master, m, v; K = 12) = 16Φ bytes. ZeRO partitions these model states over
-the data-parallel group (flat.py: flat buffers, padded, rank r owns chunk r),
+the data-parallel group (partition.py: flat buffers, padded, rank r owns chunk r),
 and each rank updates only its shard:
 
     stage        partitioned      bytes per rank   gradient sync                    after the step
@@ -46,8 +46,8 @@ import numpy as np
 from minipar.autograd import Function, Tensor
 from minipar.backend import array_module
 from minipar.contracts import GradientSync, ModelOptimizer
-from minipar.parallel.flat import Partition, register, unit_groups, unregister
-from minipar.parallel.offload import ShardOptimizer
+from minipar.parallel.zero.partition import Partition, register, unit_groups, unregister
+from minipar.parallel.zero.shard_optimizer import ShardOptimizer
 
 
 class Regather(Function):

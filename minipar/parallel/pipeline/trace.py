@@ -16,15 +16,15 @@ and the closed-form formula of the schedule.
 `gather_timeline` + `write_chrome_trace` write one step as a Chrome trace-event JSON
 (`--trace out.json`; opens in ui.perfetto.dev and chrome://tracing) for any layout: one
 process per world rank, a track for the step, one per pipeline stage it holds, and one for
-its communication calls, timed by a comm ledger with a clock (dist/ledger.py).
+its communication calls, timed by a comm ledger with a clock (comm/ledger.py).
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 
-from minipar.parallel import schedules
-from minipar.parallel.schedules import COMPUTE_OPS, Action, Event
+from minipar.parallel.pipeline import schedules
+from minipar.parallel.pipeline.schedules import COMPUTE_OPS, Action, Event
 
 class Tracer:
     """Collects one rank's Events; times are seconds since this tracer's t0.

@@ -11,7 +11,7 @@ MPI can reduce, and in memory the MPI library can reach:
                                          call, host -> device after; both counted in Transfers
 
 The PyPI MPICH is not CUDA-aware, so a GPU run with it stages every message;
-`Transfers` says how many bytes that costs each way. comm.py asks the MPI
+`Transfers` says how many bytes that costs each way. group.py asks the MPI
 library once (`cuda_aware()`) and gives each Group a Wire.
 
 float16 is reduced in float32 (MPI has no portable half-precision sum, and

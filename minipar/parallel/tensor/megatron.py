@@ -14,7 +14,7 @@ communication. Each pair is wrapped by Megatron's conjugate operators:
 
 So per layer and micro-batch: 2 all-reduces of b*s*h forward (g) and 2 backward
 (f), i.e. 8*b*s*h*(t-1)/t elements sent per rank (memory.tp_comm_elements). With
-sequence parallelism (sequence_parallel.py) f and g become all-gather /
+sequence parallelism (sequence.py) f and g become all-gather /
 reduce-scatter along T with the same volume, plus Megatron's re-gather of the
 c_attn and fc inputs in backward (GatherLinear keeps only their T/tp chunk):
 6 all-gathers + 4 reduce-scatters, 10*b*s*h*(t-1)/t elements.
@@ -44,9 +44,9 @@ from minipar.backend import array_module
 from minipar.autograd import Function
 from minipar.nn import GPT, Block, Parameter, ShardSpec
 from minipar.moe import MoE
-from minipar.parallel.sequence_parallel import (GatherLinear, ReduceScatterSeq, SequenceParallelLayerNorm,
+from minipar.parallel.tensor.sequence import (GatherLinear, ReduceScatterSeq, SequenceParallelLayerNorm,
                                                 add_bias, check_divisible, cut_key, positions)
-from minipar.parallel.vocab_parallel import (VocabParallelEmbedding, vocab_parallel_argmax,
+from minipar.parallel.tensor.vocab import (VocabParallelEmbedding, vocab_parallel_argmax,
                                              vocab_parallel_cross_entropy, vocab_range)
 
 

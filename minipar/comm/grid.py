@@ -39,7 +39,7 @@ cp = 1, dp_cp_group IS dp_group (the same object), so nothing else changes.
 All sub-groups are made once, here, with Split, and passed explicitly to the
 code that needs them; there is no global grid.
 """
-from minipar.dist.comm import Group
+from minipar.comm.group import Group
 
 
 def validate_layout(size, dp, pp, tp, cp=1):
