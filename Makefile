@@ -24,7 +24,7 @@ PARTS := core $(STRATEGIES)
 # what a part builds on besides core (make grade: a failure there blocks it, see tests/grade.py)
 BUILDS_ON := offload:zero 3d:dp,tp,pp,zero,offload
 
-.PHONY: help install train compare plan test test-notebooks notebooks test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(PARTS)) grade tutorials bench bench-torch torch-venv clean
+.PHONY: help install train compare plan test test-notebooks notebooks test-gpu bench-gpu test-serial test-mpi $(addprefix test-,$(PARTS)) grade tutorials readme-layout bench bench-torch torch-venv clean
 
 help:  ## list the targets
 	@echo "minipar make targets (variables: PY=$(PY) MPIEXEC=$(MPIEXEC) NP=$(NP))"
@@ -46,6 +46,7 @@ help:  ## list the targets
 	@echo "  torch-venv    .venv-torch with $(TORCH) (optional; only the benchmarks use it)"
 	@echo "  compare       python -m minipar.compare on 8 ranks: the comparison table, measured"
 	@echo "  plan          python -m minipar.plan --params 7.5e9 --gpus 64"
+	@echo "  readme-layout rewrite the README's layout block from the tree (tests/test_readme_layout.py)"
 	@echo "  clean         remove .venv, caches and outputs"
 
 install: $(VENV)
@@ -95,6 +96,10 @@ $(addprefix test-,$(PARTS)): test-%: $(VENV)
 grade: $(VENV)
 	$(PY) tests/grade.py --parts "$(PARTS)" --builds-on "$(BUILDS_ON)" --np $(NP) --python $(PY) \
 	  --mpiexec $(MPIEXEC) --out results.json
+
+# the README's "How the code is laid out" block, generated from every module's docstring
+readme-layout: $(VENV)
+	$(PY) tests/test_readme_layout.py --write
 
 # each tutorial's first line is its command, e.g.
 #   # mpirun -n 4 python -m mpi4py tutorials/03_collectives.py

@@ -1,0 +1,1 @@
+"""Parallel strategies, one folder each: data, tensor, pipeline, zero, context, expert."""
