@@ -41,6 +41,7 @@ def describe(layout):
 class Outcome:
     """What a lockstep run leaves for its caller to assert on."""
     errors: list          # per step, the worst relative error over every rank (the same on each)
+    losses: list          # per step, (the sharded run's global mean loss, the serial run's)
     local: Engine         # this rank's engine of the sharded run
     serial: Engine        # the serial oracle
 
@@ -50,21 +51,22 @@ class Outcome:
 
 
 def lockstep(cfg, layout, task, batch, steps=2, *, grid=None, optim=None, seed=0, tol=None,
-             before_step=None, device=None, engine=Engine):
+             before_step=None, device=None, tracer=None, engine=Engine):
     """Train the run of `layout` (on `grid`) and its serial oracle side by side for `steps`
     steps of global batch `batch`; after each, a collective parity verdict (ParityError on
     every rank of the grid at once when any quantity differs by more than `tol`, default
     parity.TOLERANCE of the config's precision).
 
     before_step(step, local, serial), if given, runs before each step on both engines (a
-    test alters them alike: scaled weights, a tied router). `engine` is the local run's
-    class (a test's subclass of Engine). Returns an Outcome."""
+    test alters them alike: scaled weights, a tied router). `tracer` records the local run's
+    pipeline actions (parallel/pipeline/trace.py); `engine` is the local run's class (a test's
+    subclass of Engine). Returns an Outcome."""
     tol = parity.TOLERANCE[cfg.precision] if tol is None else tol
     serial = Engine(cfg, serial_layout(cfg, layout), optim, seed, device=device)
-    local = engine(cfg, layout, optim, seed, grid, device=device)
+    local = engine(cfg, layout, optim, seed, grid, tracer, device=device)
     group = grid.world if grid is not None else None
     algorithm = f", {group.algorithm}" if group is not None else ""
-    errors = []
+    errors, losses = [], []
     for step in range(steps):
         if before_step is not None:
             before_step(step, local, serial)
@@ -73,4 +75,5 @@ def lockstep(cfg, layout, task, batch, steps=2, *, grid=None, optim=None, seed=0
         rows = parity.compare_models(local, serial)    # under ZeRO: gathers the shards (collective over dp)
         where = f" ({describe(layout)}, {cfg.precision}{algorithm}, batch {batch}) at step {step}"
         errors.append(parity.check(group, rows, tol, where, loss=(got, want)))
-    return Outcome(errors, local, serial)
+        losses.append((got, want))
+    return Outcome(errors, losses, local, serial)
