@@ -84,13 +84,11 @@ class OnDevice:
 
     def __init__(self, task, xp, count=None):
         self.task, self.xp, self.count = task, xp, count
+        self.seq_len, self.vocab_size = task.seq_len, task.vocab_size    # the task's own
 
     def batch(self, step, indices, split="train"):
         x, y = self.task.batch(step, indices, split)                 # (b, T) ids, targets on the host
         return to_device(x, self.xp, self.count), to_device(y, self.xp, self.count)
-
-    def __getattr__(self, name):        # seq_len, vocab_size, ...: the task's own
-        return getattr(self.task, name)
 
 
 class Engine:
@@ -107,11 +105,9 @@ class Engine:
     the engine calls nothing else on them.
     """
 
-    default_device = "cpu"         # what device=None means (the test harness's --device sets it)
-
     def __init__(self, cfg, layout=None, optim=None, seed=0, grid=None, tracer=None, device=None):
         self.cfg, self.layout, self.seed = cfg, layout or Layout(), seed
-        self.device = device or self.default_device
+        self.device = device or "cpu"            # the array backend: cpu | strict | gpu
         self.xp = device_module(self.device)
         self.optim_cfg, self.grid = optim or OptimConfig(), grid
         self.grad_norm = None          # the global ||g|| of the last step (parity compares it)

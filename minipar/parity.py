@@ -129,40 +129,31 @@ def compare_models(local, serial, quantities=("param", "grad", "m", "v"), metric
     ("grad_norm", "global", err) for the global gradient norm of the last step (what clipping
     used), when both engines have taken one.
 
-    `local` and `serial` are Engine-like objects with `named_state()`; under ZeRO the local
-    parameters and gradients are gathered for the comparison (collective over dp)."""
-    inspect = getattr(local, "inspect", None)
-    if inspect is not None:
-        with inspect():
-            return compare_models(_Plain(local), serial, quantities, metric)
-    theirs = serial.named_state()
-    rows = Rows(layout=local.layout)
-    # gradients first: when a gradient is wrong, the updated parameter and Adam state are
-    # wrong too, and the first divergence reported should be the cause
-    for name, (p, opt) in local.named_state().items():
-        sp, sopt = theirs[name]
-        take = p.spec.take
-        if "param" in quantities:
-            rows.append(("param", name, rel_err(p.data, take(sp.data), metric)))
-        if "grad" in quantities and p.grad is not None and sp.grad is not None:
-            rows.append(("grad", name, rel_err(p.grad, take(sp.grad), metric)))
-            rows.scales["grad", name] = scale_factor(p.grad, take(sp.grad))
-        for key in ("m", "v"):
-            if key in quantities and key in opt and key in sopt:
-                rows.append((key, name, rel_err(opt[key], take(sopt[key]), metric)))
+    `local` and `serial` are Engines. Both are compared inside their inspect() view (the
+    optimizer's declared gathered(): under ZeRO the local parameters and gradients are
+    gathered for the comparison, collectively over dp; elsewhere it is a no-op)."""
+    with local.inspect(), serial.inspect():
+        theirs = serial.named_state()
+        rows = Rows(layout=local.layout)
+        # gradients first: when a gradient is wrong, the updated parameter and Adam state are
+        # wrong too, and the first divergence reported should be the cause
+        for name, (p, opt) in local.named_state().items():
+            sp, sopt = theirs[name]
+            take = p.spec.take
+            if "param" in quantities:
+                rows.append(("param", name, rel_err(p.data, take(sp.data), metric)))
+            if "grad" in quantities and p.grad is not None and sp.grad is not None:
+                rows.append(("grad", name, rel_err(p.grad, take(sp.grad), metric)))
+                rows.scales["grad", name] = scale_factor(p.grad, take(sp.grad))
+            for key in ("m", "v"):
+                if key in quantities and key in opt and key in sopt:
+                    rows.append((key, name, rel_err(opt[key], take(sopt[key]), metric)))
     if "grad" in quantities and local.grad_norm is not None and serial.grad_norm is not None:
         rows.append(("grad_norm", "global", rel_err(np.float64(local.grad_norm), np.float64(serial.grad_norm))))
         rows.scales["grad_norm", "global"] = float(local.grad_norm) / max(float(serial.grad_norm), TINY)
     order = {"grad": 0, "grad_norm": 1, "param": 2, "m": 3, "v": 4}
     rows.sort(key=lambda r: order[r[0]])
     return rows
-
-
-class _Plain:
-    """An engine seen without its inspect() (already inside it)."""
-
-    def __init__(self, engine):
-        self.named_state, self.layout, self.grad_norm = engine.named_state, engine.layout, engine.grad_norm
 
 
 class ParityError(VerdictError):

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 import grading
+from minipar.comm.grid import ProcessGrid
 from minipar.comm.group import CommLedger, Group
 from minipar.parity import VerdictError
 
@@ -47,7 +48,7 @@ def pytest_addoption(parser):
     parser.addini("mpi_abort_grace", "seconds a rank whose test raised waits for the other ranks "
                   "before aborting the MPI job", default="10")
     # --device: run the suite on NumPy (cpu), on minipar.strict (a CPU stand-in that enforces
-    # CuPy's no-implicit-host-transfer rules) or on CuPy (gpu); see the _engine_device fixture
+    # CuPy's no-implicit-host-transfer rules) or on CuPy (gpu); see the device fixture
     parser.addoption("--device", default="cpu", choices=("cpu", "strict", "gpu"),
                      help="array backend for the Engines the tests build")
     grading.addoption(parser)
@@ -98,6 +99,40 @@ def group_of(world):
         if n not in blocks:
             blocks[n] = world.split(color=world.rank // n, key=world.rank, name=f"block{n}")
         return blocks[n]
+    return make
+
+
+@pytest.fixture(scope="session")
+def grid_of(group_of):
+    """grid_of(dp, pp=1, tp=1, cp=1, algorithm="mpi"): a ProcessGrid over this rank's block of
+    dp*pp*tp*cp ranks, with a comm ledger of its own. Cached for the session: each grid makes
+    several communicators, a finite resource."""
+    grids = {}
+
+    def make(dp=1, pp=1, tp=1, cp=1, algorithm="mpi"):
+        key = (dp, pp, tp, cp, algorithm)
+        if key not in grids:
+            block = group_of(dp * pp * tp * cp).using(ledger=CommLedger(), algorithm=algorithm)
+            grids[key] = ProcessGrid(block, dp, pp, tp, cp)
+        return grids[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def pipeline_group(world):
+    """pipeline_group(p): this rank's block of p consecutive ranks, for any p (8 ranks make blocks
+    0-2, 3-5 and 6-7); a rank in a leftover block smaller than p skips (the harness counts a
+    skip as a pass)."""
+    blocks = {}
+
+    def make(p):
+        if world.size < p:
+            pytest.skip(f"needs {p} ranks")
+        if p not in blocks:
+            blocks[p] = world.split(color=world.rank // p, key=world.rank, name=f"pipe{p}")
+        if blocks[p].size < p:
+            pytest.skip(f"ranks {world.rank // p * p}.. form no full {p}-stage pipeline")
+        return blocks[p]
     return make
 
 
@@ -216,9 +251,8 @@ class MpiHarness:
         return report
 
 
-# Every Engine a test builds without naming a device uses the --device option.
-@pytest.fixture(autouse=True, scope="session")
-def _engine_device(request):
-    from minipar.engine import Engine
-    Engine.default_device = request.config.getoption("--device")
-    yield
+@pytest.fixture(scope="session")
+def device(request):
+    """The --device option (cpu | strict | gpu): every test passes it to each Engine it builds,
+    Engine(..., device=device), and to lockstep(..., device=device)."""
+    return request.config.getoption("--device")

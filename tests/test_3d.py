@@ -17,16 +17,16 @@ verdict over the block of ranks).
 * the bug zoo: a 3D run that skips the tied-embedding gradient sum must fail parity.
 """
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.comm.group import CommLedger, Group
+from minipar.comm.group import Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.nn import GPTConfig
 from minipar.parallel.pipeline.executor import Pipeline
 
@@ -50,37 +50,11 @@ def config(tp=1, n_layer=4, **kw):
     return GPTConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def grid_of(group_of):
-    """grid_of(dp, pp, tp): a ProcessGrid over a block of dp*pp*tp ranks, with a ledger of its
-    own. Cached: each grid makes four or five communicators, a finite resource."""
-    grids = {}
-
-    def make(dp, pp, tp):
-        if (dp, pp, tp) not in grids:
-            block = group_of(dp * pp * tp).using(ledger=CommLedger())
-            grids[dp, pp, tp] = ProcessGrid(block, dp, pp, tp)
-        return grids[dp, pp, tp]
-    return make
-
-
-def lockstep(grid, cfg, layout, batch, optim=OPTIM, tol=parity.TOLERANCE["fp64"], steps=2):
-    """Serial and 3D Engines side by side; after every step a collective parity verdict on
-    the loss, grads, params, m, v and the global gradient norm. Returns the worst rel error."""
-    serial = Engine(cfg, Layout(), optim, seed=SEED)
-    local = Engine(cfg, layout, optim, seed=SEED, grid=grid)
-    worst = 0.0
-    for step in range(steps):
-        want = serial.train_step(step, TASK, batch)
-        got = local.train_step(step, TASK, batch)
-        # ZeRO: all-gather (over dp) the averaged gradient shards, and under ZeRO-3 the parameters,
-        # so every local parameter is compared in full; plain DDP compares as is
-        with local.optimizer.gathered():
-            rows = parity.compare_models(local, serial)
-        rows.append(("grad_norm", "global", parity.rel_err(np.float64(local.grad_norm), serial.grad_norm)))
-        where = f" ({layout}, {cfg.precision}, step {step})"
-        worst = max(worst, parity.check(grid.world, rows, tol, where, loss=(got, want)))
-    return worst
+def run(grid, device, cfg, layout, batch, optim=OPTIM, tol=None, steps=2):
+    """lockstep (minipar/lockstep.py) of the 3D run and the serial one: a collective parity
+    verdict after every step on the loss, grads, params, m, v and the global gradient norm."""
+    return lockstep(cfg, layout, TASK, batch, steps, grid=grid, optim=optim, seed=SEED, tol=tol,
+                    device=device).worst
 
 
 def report(world, name, worst):
@@ -111,13 +85,13 @@ MATRIX = [
 
 
 @pytest.mark.parametrize("name, dims, lay, cfg_kw, optim, tol, batch", MATRIX, ids=[r[0] for r in MATRIX])
-def test_composability_matrix(world, grid_of, name, dims, lay, cfg_kw, optim, tol, batch):
+def test_composability_matrix(world, grid_of, device, name, dims, lay, cfg_kw, optim, tol, batch):
     if WORLD < 8:
         pytest.skip("the composability matrix runs on 8 ranks")
     dp, pp, tp = dims
     grid = grid_of(dp, pp, tp)
-    worst = lockstep(grid, config(tp, **cfg_kw), Layout(dp=dp, pp=pp, tp=tp, **lay), batch,
-                     optim, parity.TOLERANCE[tol])
+    worst = run(grid, device, config(tp, **cfg_kw), Layout(dp=dp, pp=pp, tp=tp, **lay), batch,
+                optim, parity.TOLERANCE[tol])
     report(world, name, worst)
 
 
@@ -147,11 +121,11 @@ def layouts(draw):
 
 @settings(max_examples=8)
 @given(drawn=layouts())
-def test_any_factorisation_schedule_zero_and_sp_equals_serial(world, grid_of, drawn):
+def test_any_factorisation_schedule_zero_and_sp_equals_serial(world, grid_of, device, drawn):
     dp, pp, tp, lay, batch = drawn
     grid = grid_of(dp, pp, tp)
     cfg = config(tp, n_layer=max(4, pp * lay["virtual_stages"]))
-    worst = lockstep(grid, cfg, Layout(dp=dp, pp=pp, tp=tp, **lay), batch)
+    worst = run(grid, device, cfg, Layout(dp=dp, pp=pp, tp=tp, **lay), batch)
     report(world, f"dp{dp} pp{pp} tp{tp} {lay} batch {batch}", worst)
 
 
@@ -168,12 +142,12 @@ INVALID = [  # (id, grid, Layout extras, GPTConfig extras, words of the message)
 
 
 @pytest.mark.parametrize("name, dims, lay, cfg_kw, words", INVALID, ids=[r[0] for r in INVALID])
-def test_invalid_layout_raises_before_any_collective(grid_of, name, dims, lay, cfg_kw, words):
+def test_invalid_layout_raises_before_any_collective(grid_of, device, name, dims, lay, cfg_kw, words):
     dp, pp, tp = dims
     grid = grid_of(dp, pp, tp)
     mark = grid.world.ledger.snapshot()
     try:
-        Engine(config(tp, **cfg_kw), Layout(dp=dp, pp=pp, tp=tp, **lay), OPTIM, SEED, grid)
+        Engine(config(tp, **cfg_kw), Layout(dp=dp, pp=pp, tp=tp, **lay), OPTIM, SEED, grid, device=device)
         error = None
     except ValueError as err:
         error = err
@@ -190,11 +164,11 @@ def test_grid_that_does_not_tile_the_ranks_is_refused(group_of):
 
 
 # ----------------------------------------------------------------------------- bug zoo
-def test_catches_the_tied_embedding_sum_skipped(grid_of, monkeypatch):
+def test_catches_the_tied_embedding_sum_skipped(grid_of, device, monkeypatch):
     """Under pp > 1 the first and last stage each hold part of dL/dwte; forget to add them
     (a classic 3D bug: DP and TP are right, the pipeline's tie is not) and parity must fail."""
     if WORLD < 8:
         pytest.skip("runs the default 2 x 2 x 2 job")
     monkeypatch.setattr(Pipeline, "sync_tied_grads", lambda self: None)
     with pytest.raises(parity.ParityError, match="only the tied embedding's gradient differs"):
-        lockstep(grid_of(2, 2, 2), config(2), Layout(dp=2, pp=2, tp=2, zero=1, micro_batches=4), 8, steps=1)
+        run(grid_of(2, 2, 2), device, config(2), Layout(dp=2, pp=2, tp=2, zero=1, micro_batches=4), 8, steps=1)

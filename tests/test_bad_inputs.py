@@ -192,8 +192,8 @@ def test_refused_with_one_line_at_one_rank(row, inputs, capsys):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("row", BAD, ids=IDS)
-def test_refused_alike_on_every_rank_of_four(row, inputs, capsys, group_of, request):
-    if request.config.getoption("--device") != "cpu":
+def test_refused_alike_on_every_rank_of_four(row, inputs, capsys, group_of, device):
+    if device != "cpu":
         pytest.skip("main() picks its device from --device; the CPU pass covers the battery")
     group = group_of(4)
     code, lines, seconds = run_row(row, inputs, capsys, group)

@@ -48,10 +48,10 @@ def test_chance_levels_say_how_they_are_computed(tmp_path):
     assert abs(float(line.split()[-1]) - 0.5) < 0.02   # every other held-out character is an 'a'
 
 
-def test_a_text_run_can_show_a_sample(tmp_path):
+def test_a_text_run_can_show_a_sample(tmp_path, device):
     path = tmp_path / "t.txt"
     path.write_text("hello world. " * 40)
     task = TextTask(str(path), 8)
     cfg = GPTConfig(vocab_size=8, seq_len=8, n_layer=1, n_head=2, d_model=8)
-    prompt, text = sample(Engine(cfg), task, n=12)
+    prompt, text = sample(Engine(cfg, device=device), task, n=12)
     assert len(prompt) == 8 and len(text) == 12 and set(text) <= set(task.itos)

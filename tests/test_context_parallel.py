@@ -18,26 +18,15 @@ from hypothesis import given, settings, strategies as st
 
 from minipar import memory, ops, parity
 from minipar.autograd import Tensor
-from minipar.data import ReverseTask
-from minipar.comm.group import CommLedger
-from minipar.comm.grid import ProcessGrid
-from minipar.engine import Engine, Layout, OptimConfig
-from minipar.nn import GPTConfig
+from minipar.engine import Layout
+from minipar.lockstep import lockstep
 from minipar.parallel.context import online_softmax as osm
 from minipar.parallel.context.model import check_context_parallel
 from minipar.parallel.context.split import ContextSplit, check_split
 
+from helpers import CP_RUN, cp_config
+
 pytestmark = pytest.mark.cp
-
-SEED, TASK = 5, ReverseTask(n_digits=8)        # T = 16 tokens: cuts into 2*cp chunks for cp <= 8
-OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1)
-
-
-def config(n_layer=2, dropout=0.0, **kw):
-    """A tiny GPT: 8 heads (Ulysses: tp*cp <= 8), d_model 16, T = 16."""
-    return GPTConfig(**{**dict(vocab_size=16, seq_len=TASK.seq_len, n_layer=n_layer, n_head=8, d_model=16,
-                               dropout=dropout, precision="fp64"), **kw})
-
 
 # ----------------------------------------------------------------------------- serial: the split
 @pytest.mark.parametrize("cp", [1, 2, 4, 8])
@@ -65,11 +54,11 @@ def test_split_refuses_a_sequence_that_does_not_cut():
 
 def test_cp_rules_name_the_constraint():
     with pytest.raises(ValueError, match="n_head=2 is not divisible by tp\\*cp"):
-        check_context_parallel(config(n_head=2), 2, "ulysses", tp=2)
+        check_context_parallel(cp_config(n_head=2), 2, "ulysses", tp=2)
     with pytest.raises(ValueError, match="not divisible"):
-        check_context_parallel(config(), 4, "ring", tp=8, sequence_parallel=True)
+        check_context_parallel(cp_config(), 4, "ring", tp=8, sequence_parallel=True)
     with pytest.raises(ValueError, match="unknown"):
-        check_context_parallel(config(), 2, "stripes")
+        check_context_parallel(cp_config(), 2, "stripes")
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -140,32 +129,17 @@ def test_cp_formulas():
 
 
 # ----------------------------------------------------------------------------- MPI: parity
-@pytest.fixture(scope="module")
-def grid_of(group_of):
-    """grid_of(dp, pp, cp, tp): a ProcessGrid over a block of ranks with its own ledger (cached)."""
-    grids = {}
-
-    def make(dp, pp, cp, tp):
-        if (dp, pp, cp, tp) not in grids:
-            block = group_of(dp * pp * cp * tp).using(ledger=CommLedger())
-            grids[dp, pp, cp, tp] = ProcessGrid(block, dp, pp, tp, cp)
-        return grids[dp, pp, cp, tp]
-    return make
+def run(grid, device, dims, lay, cfg_kw, batch):
+    """lockstep (minipar/lockstep.py) of the cp run of `dims` = (dp, pp, cp, tp) and the serial
+    one: a collective parity verdict after every step."""
+    dp, pp, cp, tp = dims
+    return lockstep(cp_config(**cfg_kw), Layout(dp=dp, pp=pp, cp=cp, tp=tp, **lay), batch=batch, grid=grid,
+                    device=device, **CP_RUN).worst
 
 
-def lockstep(grid, cfg, layout, batch, steps=2, tol=parity.TOLERANCE["fp64"]):
-    """Serial and cp Engines side by side; a collective parity verdict after every step."""
-    serial = Engine(cfg, Layout(), OPTIM, seed=SEED)
-    local = Engine(cfg, layout, OPTIM, seed=SEED, grid=grid)
-    worst = 0.0
-    for step in range(steps):
-        want = serial.train_step(step, TASK, batch)
-        got = local.train_step(step, TASK, batch)
-        with local.optimizer.gathered():
-            rows = parity.compare_models(local, serial)
-        rows.append(("grad_norm", "global", parity.rel_err(np.float64(local.grad_norm), serial.grad_norm)))
-        worst = max(worst, parity.check(grid.world, rows, tol, f" ({layout}, step {step})", loss=(got, want)))
-    return worst, local
+def cp_grid(grid_of, dims):
+    dp, pp, cp, tp = dims
+    return grid_of(dp, pp, tp, cp)
 
 
 def report(grid, name, worst):
@@ -190,12 +164,11 @@ MATRIX = [
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("name, dims, lay, cfg_kw", MATRIX, ids=[r[0] for r in MATRIX])
-def test_done_when_layouts_equal_serial(world, grid_of, name, dims, lay, cfg_kw):
+def test_done_when_layouts_equal_serial(world, grid_of, device, name, dims, lay, cfg_kw):
     if world.size < 8:
         pytest.skip("the done-when layouts run on 8 ranks")
-    dp, pp, cp, tp = dims
-    worst, _ = lockstep(grid_of(*dims), config(**cfg_kw), Layout(dp=dp, pp=pp, cp=cp, tp=tp, **lay), 8)
-    report(grid_of(*dims), name, worst)
+    grid = cp_grid(grid_of, dims)
+    report(grid, name, run(grid, device, dims, lay, cfg_kw, 8))
 
 
 def divisors(n):
@@ -226,8 +199,8 @@ def layouts(draw, world_size):
 @pytest.mark.mpi
 @settings(max_examples=8)
 @given(data=st.data())
-def test_any_cp_layout_equals_serial(world, grid_of, data):
+def test_any_cp_layout_equals_serial(world, grid_of, device, data):
     dims, lay, cfg_kw, batch = data.draw(layouts(world.size))
-    dp, pp, cp, tp = dims
-    worst, _ = lockstep(grid_of(*dims), config(**cfg_kw), Layout(dp=dp, pp=pp, cp=cp, tp=tp, **lay), batch)
-    report(grid_of(*dims), f"dp{dp} pp{pp} cp{cp} tp{tp} {lay} {cfg_kw}", worst)
+    grid = cp_grid(grid_of, dims)
+    report(grid, f"dp{dims[0]} pp{dims[1]} cp{dims[2]} tp{dims[3]} {lay} {cfg_kw}",
+           run(grid, device, dims, lay, cfg_kw, batch))

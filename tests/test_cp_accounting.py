@@ -18,19 +18,20 @@ from minipar.memory import MemoryLedger
 from minipar.parallel.context.ring_attention import RingAttention
 from minipar.parallel.context.split import ContextSplit
 
-from test_context_parallel import OPTIM, SEED, TASK, config, grid_of  # noqa: F401  (grid_of is a fixture)
+from helpers import CP_OPTIM as OPTIM, CP_SEED as SEED, CP_TASK as TASK, cp_config as config
 
 pytestmark = [pytest.mark.cp, pytest.mark.mpi]
 
 @pytest.mark.parametrize("algo", ["ring", "ulysses"])
-def test_cp_traffic_equals_the_formula_exactly(world, grid_of, algo):
+def test_cp_traffic_equals_the_formula_exactly(world, grid_of, device, algo):
     """One step's cp-group bytes from the comm ledger == memory.py's formula: ring
     (cp-1) K/V blocks forward and (cp-1) K/V + cp dK/dV backward per layer; Ulysses
     4 all-to-alls per layer of 4bsh/(cp tp)(cp-1)/cp in all each way."""
     cp, tp, m, batch = (4, 2, 2, 4) if world.size >= 8 else (2, 2, 2, 4)
-    grid = grid_of(1, 1, cp, tp)
+    grid = grid_of(tp=tp, cp=cp)
     cfg = config(n_layer=2)
-    engine = Engine(cfg, Layout(cp=cp, tp=tp, cp_algo=algo, micro_batches=m), OPTIM, seed=SEED, grid=grid)
+    engine = Engine(cfg, Layout(cp=cp, tp=tp, cp_algo=algo, micro_batches=m), OPTIM, seed=SEED, grid=grid,
+                    device=device)
     engine.train_step(0, TASK, batch)                            # warm-up: nothing differs, but be plain
     with grid.world.ledger.measure() as step:
         engine.train_step(1, TASK, batch)
@@ -46,14 +47,14 @@ def test_cp_traffic_equals_the_formula_exactly(world, grid_of, algo):
         print(f"\n[cp] {algo} cp={cp} tp={tp}: {got} bytes per step per rank == formula {want}")
 
 
-def test_zigzag_balances_attention_flops_and_contiguous_does_not(world, grid_of):
+def test_zigzag_balances_attention_flops_and_contiguous_does_not(world, grid_of, device):
     """Per-rank attention FLOPs of one step, from the ledger: zigzag equal on every rank,
     contiguous rank r doing (r+1) times rank 0's work."""
     cp = 4 if world.size >= 4 else 2
-    grid, cfg, batch = grid_of(1, 1, cp, 1), config(), 2
+    grid, cfg, batch = grid_of(cp=cp), config(), 2
     flops = {}
     for split in ("zigzag", "contiguous"):
-        engine = Engine(cfg, Layout(cp=cp, cp_split=split), OPTIM, seed=SEED, grid=grid)
+        engine = Engine(cfg, Layout(cp=cp, cp_split=split), OPTIM, seed=SEED, grid=grid, device=device)
         work = engine.model.seq_chunk.work
         work.reset()
         engine.train_step(0, TASK, batch)
@@ -75,7 +76,7 @@ def test_attention_inputs_saved_per_rank_are_serial_over_cp(world, grid_of):
     """The memory ledger's saved bytes of the ring attention core (its input qkv, o, lse):
     the qkv part is exactly 1/cp of what the serial core saves for q, k, v."""
     cp = 4 if world.size >= 4 else 2
-    grid, cfg, B = grid_of(1, 1, cp, 1), config(), 2
+    grid, cfg, B = grid_of(cp=cp), config(), 2
     T, C, H = cfg.seq_len, cfg.d_model, cfg.n_head
     rng = np.random.default_rng(0)
     full = rng.standard_normal((B, T, 3 * C))                              # (B, T, 3C) packed qkv
@@ -115,16 +116,16 @@ def test_cp_groups_hold_the_right_ranks(world, dims):
     agree(world, at(d, p, c, t) == world.rank and not bad, f"{dims}: {bad}")
 
 
-def test_whole_step_activation_peak_is_serial_over_cp(world, grid_of):
+def test_whole_step_activation_peak_is_serial_over_cp(world, grid_of, device):
     """From the memory ledger, one step (no dropout): every saved activation of a cp rank
     covers its T/cp tokens, so the peak is the serial peak / cp, except that attention keeps
     o and the log-sum-exp (b·s·h + b·a·s per layer, / cp) instead of the a·s²·b softmax, plus
     the 8-byte scalar loss that the cp loss weight's multiply saves."""
     cp = 4 if world.size >= 4 else 2
-    grid, cfg, B = grid_of(1, 1, cp, 1), config(), 2
+    grid, cfg, B = grid_of(cp=cp), config(), 2
     T, C, H, L = cfg.seq_len, cfg.d_model, cfg.n_head, cfg.n_layer
-    serial = Engine(cfg, Layout(), OPTIM, seed=SEED)
-    local = Engine(cfg, Layout(cp=cp), OPTIM, seed=SEED, grid=grid)
+    serial = Engine(cfg, Layout(), OPTIM, seed=SEED, device=device)
+    local = Engine(cfg, Layout(cp=cp), OPTIM, seed=SEED, grid=grid, device=device)
     serial.train_step(0, TASK, B)
     local.train_step(0, TASK, B)
     got, base = local.ledger.peak("activation"), serial.ledger.peak("activation")

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from minipar import parity
 from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
-from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.nn import GPTConfig
 from minipar.parallel.data.ddp import DataParallel
 
@@ -47,36 +47,6 @@ def tiny_config(precision="fp64"):
     return GPTConfig(vocab_size=11, seq_len=8, n_layer=2, n_head=4, d_model=16, precision=precision)
 
 
-@pytest.fixture(scope="module")
-def dp_grid(group_of):
-    """dp_grid(dp, algorithm): a ProcessGrid(dp, 1, 1) over this rank's block of dp ranks,
-    with a comm ledger of its own. Cached: communicators are a finite resource."""
-    grids = {}
-
-    def make(dp, algorithm="mpi"):
-        if (dp, algorithm) not in grids:
-            block = group_of(dp).using(ledger=CommLedger(), algorithm=algorithm)
-            grids[dp, algorithm] = ProcessGrid(block, dp, 1, 1)
-        return grids[dp, algorithm]
-    return make
-
-
-def lockstep(grid, layout, global_batch, steps, tol, precision="fp64", seed=0, optim=OPTIM):
-    """Train serial and data-parallel Engines side by side; parity.check after every step.
-    Returns the worst relative error seen (the same on every rank of the grid)."""
-    cfg = tiny_config(precision)
-    serial = Engine(cfg, Layout(), optim, seed=seed)
-    local = Engine(cfg, layout, optim, seed=seed, grid=grid)
-    worst = 0.0
-    for step in range(steps):
-        want = serial.train_step(step, TASK, global_batch)
-        got = local.train_step(step, TASK, global_batch)
-        rows = parity.compare_models(local, serial)
-        where = f" (dp={layout.dp}, micro={layout.micro_batches}, step {step}, {grid.world.algorithm})"
-        worst = max(worst, parity.check(grid.world, rows, tol, where, loss=(got, want)))
-    return worst
-
-
 @st.composite
 def dp_layouts(draw):
     """(Layout, global batch, seed): the global batch splits into dp x micro_batches equal parts."""
@@ -93,14 +63,15 @@ def dp_layouts(draw):
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
 @settings(max_examples=10)
 @given(setup=dp_layouts(), steps=st.sampled_from([2, 3]))
-def test_dp_equals_serial_fp64(dp_grid, algorithm, setup, steps):
+def test_dp_equals_serial_fp64(grid_of, device, algorithm, setup, steps):
     layout, global_batch, seed = setup
-    lockstep(dp_grid(layout.dp, algorithm), layout, global_batch, steps, FP64_TOL, seed=seed)
+    lockstep(tiny_config(), layout, TASK, global_batch, steps, grid=grid_of(layout.dp, algorithm=algorithm),
+             optim=OPTIM, seed=seed, tol=FP64_TOL, device=device)
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
-def test_dp_equals_serial_fp32(dp_grid, algorithm):
+def test_dp_equals_serial_fp32(grid_of, device, algorithm):
     """float32: the reduction order changes the rounding; parity.TOLERANCE["fp32"] bounds it.
 
     Adam's eps is raised to 1e-6 here. The key bias of attention has a gradient that is
@@ -110,27 +81,40 @@ def test_dp_equals_serial_fp32(dp_grid, algorithm):
     dp = DP_SIZES[-1]
     layout = Layout(dp=dp, micro_batches=2, bucket_bytes=4096)
     optim = OptimConfig(lr=OPTIM.lr, weight_decay=OPTIM.weight_decay, max_norm=OPTIM.max_norm, eps=1e-6)
-    lockstep(dp_grid(dp, algorithm), layout, 2 * dp, 3, parity.TOLERANCE["fp32"], "fp32", optim=optim)
+    lockstep(tiny_config("fp32"), layout, TASK, 2 * dp, 3, grid=grid_of(dp, algorithm=algorithm), optim=optim,
+             tol=parity.TOLERANCE["fp32"], device=device)
 
 
 # ----------------------------------------------------------------------------- volume
+class MicroBatchStarts:
+    """TASK, noting the ledger's position each time the engine draws a micro-batch (just
+    before that micro-batch's forward)."""
+
+    def __init__(self, ledger):
+        self.ledger, self.starts = ledger, []
+        self.seq_len, self.vocab_size = TASK.seq_len, TASK.vocab_size
+
+    def batch(self, step, indices, split="train"):
+        self.starts.append(self.ledger.snapshot())
+        return TASK.batch(step, indices, split)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
 @pytest.mark.parametrize("precision", ["fp64", "fp32"])
 @settings(max_examples=5)
 @given(setup=dp_layouts())
-def test_bytes_per_step_are_the_ring_formula(dp_grid, algorithm, precision, setup):
+def test_bytes_per_step_are_the_ring_formula(grid_of, device, algorithm, precision, setup):
     layout, global_batch, seed = setup
-    grid = dp_grid(layout.dp, algorithm)
+    grid = grid_of(layout.dp, algorithm=algorithm)
     n, ledger = layout.dp, grid.world.ledger
-    engine = Engine(tiny_config(precision), layout, OPTIM, seed=seed, grid=grid)
+    engine = Engine(tiny_config(precision), layout, OPTIM, seed=seed, grid=grid, device=device)
     phi = engine.model.num_params()
     itemsize = np.dtype(engine.precision.param_dtype).itemsize
-    starts = []                                       # ledger position when each micro-batch starts
-    model_loss = engine.model.loss
-    engine.model.loss = lambda *args: starts.append(ledger.snapshot()) or model_loss(*args)
+    task = MicroBatchStarts(ledger)
     with ledger.measure() as step:
-        engine.train_step(0, TASK, global_batch)
+        engine.train_step(0, task, global_batch)
+    starts = task.starts
     grads = [e for e in step.entries if e.group == "dp"]   # the logged loss goes to a metrics ledger
     n_buckets = len(engine.sync.buckets) if n > 1 else 0
     expected = 2 * (n - 1) / n * phi * itemsize      # a ring all-reduce of all Phi gradients
@@ -163,11 +147,12 @@ def record_launches_and_grads(engine, monkeypatch):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
-def test_first_all_reduce_starts_before_backward_ends(dp_grid, algorithm, monkeypatch):
+def test_first_all_reduce_starts_before_backward_ends(grid_of, device, algorithm, monkeypatch):
     dp = DP_SIZES[-1]
     if dp == 1:
         pytest.skip("needs at least 2 ranks")
-    engine = Engine(tiny_config(), Layout(dp=dp, bucket_bytes=4096), OPTIM, grid=dp_grid(dp, algorithm))
+    engine = Engine(tiny_config(), Layout(dp=dp, bucket_bytes=4096), OPTIM, grid=grid_of(dp, algorithm=algorithm),
+                    device=device)
     events = record_launches_and_grads(engine, monkeypatch)
     engine.train_step(0, TASK, 2 * dp)
     group = engine.grid.world
@@ -183,12 +168,12 @@ def test_first_all_reduce_starts_before_backward_ends(dp_grid, algorithm, monkey
 
 
 @pytest.mark.mpi
-def test_overlap_off_reduces_only_after_backward(dp_grid, monkeypatch):
+def test_overlap_off_reduces_only_after_backward(grid_of, device, monkeypatch):
     dp = DP_SIZES[-1]
     if dp == 1:
         pytest.skip("needs at least 2 ranks")
     engine = Engine(tiny_config(), Layout(dp=dp, bucket_bytes=4096, overlap=False), OPTIM,
-                    grid=dp_grid(dp))
+                    grid=grid_of(dp), device=device)
     events = record_launches_and_grads(engine, monkeypatch)
     engine.train_step(0, TASK, 2 * dp)
     agree(engine.grid.world, all(kind == "grad" for kind, _ in events),
@@ -198,10 +183,10 @@ def test_overlap_off_reduces_only_after_backward(dp_grid, monkeypatch):
 # ----------------------------------------------------------------------------- buckets (serial)
 @settings(max_examples=25)
 @given(bucket_bytes=st.integers(1, 20000))
-def test_buckets_partition_params_greedily_in_backward_order(bucket_bytes):
+def test_buckets_partition_params_greedily_in_backward_order(device, bucket_bytes):
     """Buckets cut the reversed parameter list into runs; a run closes only when the next
     parameter would overflow it; every p.grad is a view of its bucket's flat buffer."""
-    model_params = Engine(tiny_config()).params
+    model_params = Engine(tiny_config(), device=device).params
     ddp = DataParallel(model_params, Group.single(ledger=CommLedger()), bucket_bytes)
     buckets = ddp.buckets
     assert [p for b in buckets for p in b.params] == model_params[::-1]

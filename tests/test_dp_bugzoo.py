@@ -26,10 +26,10 @@ import pytest
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.comm.group import CommLedger, Group, Request
-from minipar.comm.grid import ProcessGrid
+from minipar.comm.group import Group, Request
 from minipar.parity import agree
-from minipar.engine import Engine, Layout, OptimConfig
+from minipar.engine import Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.nn import GPTConfig
 from minipar.parallel.data.ddp import DataParallel
 
@@ -113,29 +113,11 @@ CASES = [(bug, algorithm) for bug, (*_, algorithms) in BUGS.items() for algorith
 
 
 # ----------------------------------------------------------------------------- harness
-@pytest.fixture(scope="module")
-def dp_grid(group_of):
-    """dp_grid(algorithm): ProcessGrid(DP, 1, 1) over this rank's block, own comm ledger."""
-    grids = {}
-
-    def make(algorithm):
-        if algorithm not in grids:
-            block = group_of(DP).using(ledger=CommLedger(), algorithm=algorithm)
-            grids[algorithm] = ProcessGrid(block, DP, 1, 1)
-        return grids[algorithm]
-    return make
-
-
-def train_and_check(grid, layout, steps=2):
-    """k steps of serial and DP Engines in lockstep, parity.check after each."""
-    serial, local = Engine(CFG, Layout(), OPTIM), Engine(CFG, layout, OPTIM, grid=grid)
-    global_batch = 2 * layout.dp * layout.micro_batches
-    for step in range(steps):
-        want = serial.train_step(step, TASK, global_batch)
-        got = local.train_step(step, TASK, global_batch)
-        parity.check(grid.world, parity.compare_models(local, serial), 1e-11, f" (step {step})",
-                     loss=(got, want))
-    return local
+def train_and_check(grid_of, device, algorithm, layout, steps=2):
+    """k steps of serial and DP Engines in lockstep (minipar/lockstep.py), parity.check after
+    each; returns the DP engine."""
+    return lockstep(CFG, layout, TASK, 2 * layout.dp * layout.micro_batches, steps,
+                    grid=grid_of(DP, algorithm=algorithm), optim=OPTIM, tol=1e-11, device=device).local
 
 
 def needs_ranks():
@@ -145,44 +127,44 @@ def needs_ranks():
 
 # ----------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("bug,algorithm", CASES)
-def test_correct_ddp_passes_the_same_check(dp_grid, bug, algorithm):
+def test_correct_ddp_passes_the_same_check(grid_of, device, bug, algorithm):
     """The control: without the bug, the very same layout and check pass."""
     needs_ranks()
-    train_and_check(dp_grid(algorithm), BUGS[bug][2])
+    train_and_check(grid_of, device, algorithm, BUGS[bug][2])
 
 
-def caught(dp_grid, monkeypatch, bug, algorithm):
+def caught(grid_of, device, monkeypatch, bug, algorithm):
     """Plant `bug`, run the control's check: it must raise ParityError (on every rank)."""
     needs_ranks()
     method, buggy, layout, _ = BUGS[bug]
     monkeypatch.setattr(DataParallel, method, buggy)
     with pytest.raises(parity.ParityError, match="parity failed"):   # raised on every rank
-        train_and_check(dp_grid(algorithm), layout)
+        train_and_check(grid_of, device, algorithm, layout)
 
 
 @pytest.mark.parametrize("algorithm", BUGS["sum_not_mean"][3])
-def test_catches_sum_not_mean(dp_grid, monkeypatch, algorithm):
-    caught(dp_grid, monkeypatch, "sum_not_mean", algorithm)
+def test_catches_sum_not_mean(grid_of, device, monkeypatch, algorithm):
+    caught(grid_of, device, monkeypatch, "sum_not_mean", algorithm)
 
 
 @pytest.mark.parametrize("algorithm", BUGS["last_bucket_forgotten"][3])
-def test_catches_last_bucket_forgotten(dp_grid, monkeypatch, algorithm):
-    caught(dp_grid, monkeypatch, "last_bucket_forgotten", algorithm)
+def test_catches_last_bucket_forgotten(grid_of, device, monkeypatch, algorithm):
+    caught(grid_of, device, monkeypatch, "last_bucket_forgotten", algorithm)
 
 
 @pytest.mark.parametrize("algorithm", BUGS["sums_every_micro_batch"][3])
-def test_catches_sums_every_micro_batch(dp_grid, monkeypatch, algorithm):
-    caught(dp_grid, monkeypatch, "sums_every_micro_batch", algorithm)
+def test_catches_sums_every_micro_batch(grid_of, device, monkeypatch, algorithm):
+    caught(grid_of, device, monkeypatch, "sums_every_micro_batch", algorithm)
 
 
 @pytest.mark.parametrize("algorithm", BUGS["launch_on_first_grad"][3])
-def test_catches_launch_on_first_grad(dp_grid, monkeypatch, algorithm):
-    caught(dp_grid, monkeypatch, "launch_on_first_grad", algorithm)
+def test_catches_launch_on_first_grad(grid_of, device, monkeypatch, algorithm):
+    caught(grid_of, device, monkeypatch, "launch_on_first_grad", algorithm)
 
 
 @pytest.mark.parametrize("algorithm", BUGS["no_sync_forgotten"][3])
-def test_catches_no_sync_forgotten(dp_grid, monkeypatch, algorithm):
-    caught(dp_grid, monkeypatch, "no_sync_forgotten", algorithm)
+def test_catches_no_sync_forgotten(grid_of, device, monkeypatch, algorithm):
+    caught(grid_of, device, monkeypatch, "no_sync_forgotten", algorithm)
 
 
 def test_every_mistake_has_its_test():
@@ -190,11 +172,11 @@ def test_every_mistake_has_its_test():
 
 
 @pytest.mark.parametrize("algorithm", ["mpi", "ring"])
-def test_catches_averaging_every_micro_batch_with_the_ledger_not_parity(dp_grid, monkeypatch, algorithm):
+def test_catches_averaging_every_micro_batch_with_the_ledger_not_parity(grid_of, device, monkeypatch, algorithm):
     needs_ranks()
     monkeypatch.setattr(DataParallel, "_on_grad_ready", hook_averages_every_micro_batch)
-    grid, micro = dp_grid(algorithm), 3
-    local = train_and_check(grid, Layout(dp=DP, micro_batches=micro, bucket_bytes=SEVERAL_BUCKETS))
+    grid, micro = grid_of(DP, algorithm=algorithm), 3
+    local = train_and_check(grid_of, device, algorithm, Layout(dp=DP, micro_batches=micro, bucket_bytes=SEVERAL_BUCKETS))
     with grid.world.ledger.measure() as step:
         local.train_step(2, TASK, 2 * DP * micro)
     sent = step.total_bytes(group="dp")

@@ -9,6 +9,7 @@ from minipar.backend import to_host
 from minipar import parity
 from minipar.data import ReverseTask
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.nn import GPTConfig
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
@@ -27,8 +28,8 @@ def train(engine, steps, batch=32):
 
 # ----------------------------------------------------------------------------- learning
 
-def test_fp64_engine_learns_the_reversal_task():
-    engine = Engine(tiny(), optim=OptimConfig(lr=1e-2))
+def test_fp64_engine_learns_the_reversal_task(device):
+    engine = Engine(tiny(), optim=OptimConfig(lr=1e-2), device=device)
     before = engine.accuracy(TASK, 256)
     losses = train(engine, 150)
     after = engine.accuracy(TASK, 256)
@@ -37,8 +38,8 @@ def test_fp64_engine_learns_the_reversal_task():
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", np.float32), ("mixed", np.float16)])
-def test_low_precision_engines_train_and_learn(precision, dtype):
-    engine = Engine(tiny(precision, n_layer=1), optim=OptimConfig(lr=1e-2))
+def test_low_precision_engines_train_and_learn(device, precision, dtype):
+    engine = Engine(tiny(precision, n_layer=1), optim=OptimConfig(lr=1e-2), device=device)
     losses = train(engine, 120)
     assert all(p.data.dtype == dtype for p in engine.params)
     assert np.isfinite(losses).all() and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
@@ -49,33 +50,32 @@ def test_low_precision_engines_train_and_learn(precision, dtype):
 
 # ----------------------------------------------------------------------------- reproducibility
 
-def test_same_seed_gives_bitwise_identical_runs():
-    runs = [Engine(tiny(dropout=0.1), seed=7) for _ in range(2)]
+def test_same_seed_gives_bitwise_identical_runs(device):
+    runs = [Engine(tiny(dropout=0.1), seed=7, device=device) for _ in range(2)]
     losses = [train(engine, 4, batch=8) for engine in runs]
     assert losses[0] == losses[1]
     for (name, (p, state)), (_, (q, other)) in zip(*(e.named_state().items() for e in runs)):
         np.testing.assert_array_equal(to_host(p.data), to_host(q.data), err_msg=name)
         np.testing.assert_array_equal(to_host(state["m"]), to_host(other["m"]), err_msg=name)
-    different = Engine(tiny(dropout=0.1), seed=8)
+    different = Engine(tiny(dropout=0.1), seed=8, device=device)
     assert train(different, 4, batch=8) != losses[0]
 
 
 # ----------------------------------------------------------------------------- gradient accumulation
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_micro_batches_equal_one_big_batch(dropout):
+def test_micro_batches_equal_one_big_batch(device, dropout):
     """Four micro-batches of 4 accumulate d(loss/4): the same gradients as the batch of 16."""
-    big, micro = Engine(tiny(dropout=dropout)), Engine(tiny(dropout=dropout), Layout(micro_batches=4))
+    big, micro = Engine(tiny(dropout=dropout), device=device), Engine(tiny(dropout=dropout), Layout(micro_batches=4),
+                                                                      device=device)
     loss_big, loss_micro = big.forward_backward(0, TASK, 16), micro.forward_backward(0, TASK, 16)
     parity.check(None, parity.compare_models(micro, big, ("grad",)), 1e-12, loss=(loss_micro, loss_big))
-    for step in range(3):                                             # and the optimizer follows
-        loss_big, loss_micro = big.train_step(step, TASK, 16), micro.train_step(step, TASK, 16)
-        parity.check(None, parity.compare_models(micro, big), 1e-11, f" at step {step}",
-                     loss=(loss_micro, loss_big))
+    # and the optimizer follows: 3 steps of both in lockstep, every quantity compared after each
+    lockstep(tiny(dropout=dropout), Layout(micro_batches=4), TASK, 16, steps=3, tol=1e-11, device=device)
 
 
-def test_catches_the_loss_not_divided_across_micro_batches(monkeypatch):
-    big, micro = Engine(tiny()), Engine(tiny(), Layout(micro_batches=4))
+def test_catches_the_loss_not_divided_across_micro_batches(device, monkeypatch):
+    big, micro = Engine(tiny(), device=device), Engine(tiny(), Layout(micro_batches=4), device=device)
     big.forward_backward(0, TASK, 16)
     # the mistake: backward from S * loss_i instead of S * loss_i / M on each micro-batch
     monkeypatch.setattr(Engine, "loss_scale", lambda self: float(self.layout.micro_batches))
@@ -86,17 +86,17 @@ def test_catches_the_loss_not_divided_across_micro_batches(monkeypatch):
 
 # ----------------------------------------------------------------------------- plumbing
 
-def test_engine_errors():
+def test_engine_errors(device):
     with pytest.raises(ValueError, match="does not split into dp=1 x micro_batches=4"):
-        Engine(tiny(), Layout(micro_batches=4)).train_step(0, TASK, 10)
+        Engine(tiny(), Layout(micro_batches=4), device=device).train_step(0, TASK, 10)
     with pytest.raises(ValueError, match="needs a ProcessGrid"):
-        Engine(tiny(), Layout(dp=2))
+        Engine(tiny(), Layout(dp=2), device=device)
     with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
-        Engine(tiny(), optim=OptimConfig(name="lamb"))
+        Engine(tiny(), optim=OptimConfig(name="lamb"), device=device)
 
 
-def test_train_step_releases_every_saved_activation():
-    engine = Engine(tiny(dropout=0.1))
+def test_train_step_releases_every_saved_activation(device):
+    engine = Engine(tiny(dropout=0.1), device=device)
     engine.train_step(0, TASK, 8)
     assert engine.ledger.current("activation") == 0 < engine.ledger.peak("activation")
     n = engine.model.num_params()

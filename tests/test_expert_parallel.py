@@ -9,68 +9,38 @@ Routing ties (a zeroed router: every token picks experts 0..k-1) leave experts, 
 ranks, without tokens; capacity drops slots in global order. The all-to-all bytes of each
 step in the ledger equal the formula of its routing counts.
 """
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from minipar import parity
-from minipar.data import ReverseTask
-from minipar.comm.group import CommLedger, Group
-from minipar.comm.grid import ProcessGrid
+from minipar.comm.group import Group
 from minipar.parity import agree
-from minipar.engine import Engine, Layout, OptimConfig
-from minipar.nn import GPTConfig
+from minipar.engine import Engine, Layout
+from minipar.lockstep import lockstep
+
+from helpers import EP_OPTIM, EP_RUN, EP_SEED, ep_config
 
 pytestmark = [pytest.mark.mpi, pytest.mark.ep]
 
 WORLD = Group.world().size
-SEED, TASK = 5, ReverseTask(n_digits=4)        # token ids < 11, T = 8
-OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, max_norm=0.05)   # the clip is active at this size
 
 
-def config(experts=8, k=2, n_layer=2, capacity=None, coef=0.1, moe_every=1):
-    return GPTConfig(vocab_size=16, seq_len=8, n_layer=n_layer, n_head=4, d_model=16, experts=experts,
-                     top_k=k, aux_loss_coef=coef, capacity_factor=capacity, moe_every=moe_every)
+def tie_router(step, *engines):
+    """Before the first step, zero every router weight: all probabilities 1/E, so every token
+    ties and goes to experts 0..k-1."""
+    if step > 0:
+        return
+    for engine in engines:
+        for p in engine.params:
+            if p.name.endswith("router.weight"):
+                p.data[...] = 0.0
 
 
-@pytest.fixture(scope="module")
-def grid_of(group_of):
-    """grid_of(dp, pp, tp): a cached ProcessGrid over a block of dp*pp*tp ranks, own ledger."""
-    grids = {}
-
-    def make(dp, pp, tp):
-        if (dp, pp, tp) not in grids:
-            block = group_of(dp * pp * tp).using(ledger=CommLedger())
-            grids[dp, pp, tp] = ProcessGrid(block, dp, pp, tp)
-        return grids[dp, pp, tp]
-    return make
-
-
-def tie_router(engine):
-    """Zero every router weight: all probabilities 1/E, so every token ties and goes to 0..k-1."""
-    for p in engine.params:
-        if p.name.endswith("router.weight"):
-            p.data[...] = 0.0
-
-
-def lockstep(grid, cfg, layout, batch, steps=2, ties=False, tol=parity.TOLERANCE["fp64"]):
-    """Serial and expert-parallel Engines side by side; a collective verdict after every step.
-    Returns (worst rel error, the local engine)."""
-    serial = Engine(cfg, Layout(micro_batches=layout.micro_batches, serial_of_dp=layout.dp), OPTIM, SEED)
-    local = Engine(cfg, layout, OPTIM, SEED, grid=grid)
-    if ties:
-        tie_router(serial)
-        tie_router(local)
-    worst = 0.0
-    for step in range(steps):
-        want = serial.train_step(step, TASK, batch)
-        got = local.train_step(step, TASK, batch)
-        with local.inspect():
-            rows = parity.compare_models(local, serial)
-        rows.append(("grad_norm", "global", parity.rel_err(np.float64(local.grad_norm), serial.grad_norm)))
-        where = f" ({layout}, step {step})"
-        worst = max(worst, parity.check(grid.world, rows, tol, where, loss=(got, want)))
-    return worst, local
+def run(grid, device, cfg, layout, batch, steps=2, ties=False):
+    """lockstep (minipar/lockstep.py) of the expert-parallel run and its serial oracle (the same
+    global micro-batches: lockstep.serial_layout); returns the Outcome."""
+    return lockstep(cfg, layout, batch=batch, steps=steps, grid=grid, before_step=tie_router if ties else None,
+                    device=device, **EP_RUN)
 
 
 def report(world, name, worst):
@@ -92,13 +62,13 @@ MATRIX = [
 
 
 @pytest.mark.parametrize("name, dims, lay, cfg_kw, batch, ties", MATRIX, ids=[r[0] for r in MATRIX])
-def test_expert_parallel_matrix_equals_serial(world, grid_of, name, dims, lay, cfg_kw, batch, ties):
+def test_expert_parallel_matrix_equals_serial(world, grid_of, device, name, dims, lay, cfg_kw, batch, ties):
     if WORLD < 8:
         pytest.skip("the expert-parallel matrix runs on 8 ranks")
     dp, pp, tp = dims
-    worst, _ = lockstep(grid_of(dp, pp, tp), config(**cfg_kw), Layout(dp=dp, pp=pp, tp=tp, **lay), batch,
-                        ties=ties)
-    report(world, name, worst)
+    outcome = run(grid_of(dp, pp, tp), device, ep_config(**cfg_kw), Layout(dp=dp, pp=pp, tp=tp, **lay), batch,
+                  ties=ties)
+    report(world, name, outcome.worst)
 
 
 # ----------------------------------------------------------------------------- property-based
@@ -118,27 +88,27 @@ def layouts(draw):
     m = draw(st.integers(1, 2), label="m")
     zero = draw(st.sampled_from([0, 1, 2]), label="zero")
     capacity = draw(st.sampled_from([None, 1.0]), label="capacity")
-    cfg = config(experts, k, n_layer=2, capacity=capacity)
+    cfg = ep_config(experts, k, n_layer=2, capacity=capacity)
     return dp, pp, tp, dict(ep=ep, micro_batches=m, zero=zero), cfg, dp * m, ties
 
 
 @settings(max_examples=6)
 @given(drawn=layouts())
-def test_any_expert_layout_with_ties_and_empty_experts_equals_serial(world, grid_of, drawn):
+def test_any_expert_layout_with_ties_and_empty_experts_equals_serial(world, grid_of, device, drawn):
     dp, pp, tp, lay, cfg, batch, ties = drawn
-    worst, _ = lockstep(grid_of(dp, pp, tp), cfg, Layout(dp=dp, pp=pp, tp=tp, **lay), batch, ties=ties)
+    worst = run(grid_of(dp, pp, tp), device, cfg, Layout(dp=dp, pp=pp, tp=tp, **lay), batch, ties=ties).worst
     report(world, f"dp{dp} pp{pp} tp{tp} {lay} E={cfg.experts} k={cfg.top_k} "
                   f"cf={cfg.capacity_factor} ties={ties}", worst)
 
 
 # ----------------------------------------------------------------------------- traffic and routing
-def test_all_to_all_bytes_equal_the_formula_of_the_routing_counts(world, grid_of):
+def test_all_to_all_bytes_equal_the_formula_of_the_routing_counts(world, grid_of, device):
     """Per step and rank: ledger all_to_all_v bytes == 2 (sent + received rows) C itemsize summed
     over the MoE layers; and the rows one rank sends to another are the rows that one receives."""
     n = 4 if WORLD >= 4 else 2
     grid = grid_of(n, 1, 1)
-    cfg = config(experts=2 * n, k=2)
-    _, local = lockstep(grid, cfg, Layout(dp=n, ep=n), 2 * n, steps=2)
+    cfg = ep_config(experts=2 * n, k=2)
+    local = run(grid, device, cfg, Layout(dp=n, ep=n), 2 * n, steps=2).local
     ok = all(r["ledger_bytes"] == r["formula_bytes"] > 0 for r in local.expert_log)
     agree(grid.world, ok, f"all_to_all_v bytes vs formula: {[(r['ledger_bytes'], r['formula_bytes']) for r in local.expert_log]}")
     moe = local.model.blocks[0].mlp
@@ -151,14 +121,14 @@ def test_all_to_all_bytes_equal_the_formula_of_the_routing_counts(world, grid_of
     agree(grid.world, sum(counts) == 2 * n * cfg.seq_len * cfg.top_k, f"global routing counts {counts}")
 
 
-def test_invalid_expert_layouts_raise_before_any_collective(grid_of):
+def test_invalid_expert_layouts_raise_before_any_collective(grid_of, device):
     grid = grid_of(2, 1, 1)
-    for cfg, lay, words in ((config(experts=3), Layout(dp=2, ep=2), "not divisible"),
-                            (config(experts=4), Layout(dp=2, ep=4), "must divide"),
-                            (config(experts=0), Layout(dp=2, ep=2), "needs a mixture")):
+    for cfg, lay, words in ((ep_config(experts=3), Layout(dp=2, ep=2), "not divisible"),
+                            (ep_config(experts=4), Layout(dp=2, ep=4), "must divide"),
+                            (ep_config(experts=0), Layout(dp=2, ep=2), "needs a mixture")):
         mark = grid.world.ledger.snapshot()
         try:
-            Engine(cfg, lay, OPTIM, SEED, grid)
+            Engine(cfg, lay, EP_OPTIM, EP_SEED, grid, device=device)
             error = None
         except ValueError as err:
             error = err
@@ -167,21 +137,17 @@ def test_invalid_expert_layouts_raise_before_any_collective(grid_of):
         agree(grid.world, not calls, f"{len(calls)} communication calls before the error")
 
 
-def test_checkpoint_of_an_expert_parallel_run_loads_into_the_serial_model(grid_of, tmp_path):
+def test_checkpoint_of_an_expert_parallel_trainedloads_into_the_serial_model(grid_of, device, tmp_path):
     """Each ep rank writes its own experts (not only dp rank 0), so the checkpoint holds the
     whole serial model: loaded serially it equals the serial run, parameters and Adam state."""
     from minipar import checkpoint
     n = 4 if WORLD >= 4 else 2
     grid = grid_of(n, 1, 1)
     path = grid.world.bcast_object(str(tmp_path / "ckpt"))
-    cfg = config(experts=2 * n, k=2)
-    local = Engine(cfg, Layout(dp=n, ep=n), OPTIM, SEED, grid=grid)
-    serial = Engine(cfg, Layout(serial_of_dp=n), OPTIM, SEED)
-    for step in range(2):
-        local.train_step(step, TASK, 2 * n)
-        serial.train_step(step, TASK, 2 * n)
-    checkpoint.save(path, local, 2, grid.world)
-    fresh = Engine(cfg, Layout(serial_of_dp=n), OPTIM, SEED)
+    cfg = ep_config(experts=2 * n, k=2)
+    trained = run(grid, device, cfg, Layout(dp=n, ep=n), 2 * n, steps=2)
+    checkpoint.save(path, trained.local, 2, grid.world)
+    fresh = Engine(cfg, Layout(serial_of_dp=n), EP_OPTIM, EP_SEED, device=device)
     checkpoint.load(path, fresh)
-    rows = parity.compare_models(fresh, serial, quantities=("param", "m", "v"))
+    rows = parity.compare_models(fresh, trained.serial, quantities=("param", "m", "v"))
     parity.check(grid.world, rows, parity.TOLERANCE["fp64"], " (serial engine loaded from an ep checkpoint)")

@@ -135,9 +135,9 @@ def test_prepare_step_skips_on_inf_and_unscales_otherwise():
     assert scaler.scale == 4.0                                        # two clean steps: grown
 
 
-def test_engine_skips_the_step_and_halves_the_scale_on_an_injected_inf():
+def test_engine_skips_the_step_and_halves_the_scale_on_an_injected_inf(device):
     cfg = GPTConfig(vocab_size=11, seq_len=6, n_layer=1, n_head=2, d_model=8, precision="mixed")
-    task, engine = ReverseTask(3), Engine(cfg, optim=OptimConfig(init_loss_scale=1024.0))
+    task, engine = ReverseTask(3), Engine(cfg, optim=OptimConfig(init_loss_scale=1024.0), device=device)
     victim, overflow = engine.model.blocks[0].mlp.fc.weight, [True]
 
     def inject_inf(t):                                                # as if fp16 had overflowed here
@@ -180,14 +180,14 @@ def test_grad_stats_count_each_serial_parameter_once():
     np.testing.assert_allclose(grad_stats(params), [expected, 0.0], rtol=1e-15)
 
 
-def test_engine_train_step_applies_the_clip_factor():
+def test_engine_train_step_applies_the_clip_factor(device):
     cfg = GPTConfig(vocab_size=11, seq_len=6, n_layer=1, n_head=2, d_model=8)
     task, lr, max_norm = ReverseTask(3), 0.1, 1e-3
-    probe = Engine(cfg)
+    probe = Engine(cfg, device=device)
     probe.forward_backward(0, task, 4)
     grads = [to_host(p.grad).copy() for p in probe.params]
     norm = math.sqrt(sum((g ** 2).sum() for g in grads))
-    engine = Engine(cfg, optim=OptimConfig(name="sgd", lr=lr, max_norm=max_norm))
+    engine = Engine(cfg, optim=OptimConfig(name="sgd", lr=lr, max_norm=max_norm), device=device)
     before = [to_host(p.data).copy() for p in engine.params]
     engine.train_step(0, task, 4)
     assert engine.grad_norm == pytest.approx(norm, rel=1e-14)

@@ -21,6 +21,7 @@ from minipar.comm.group import Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.memory import MemoryLedger, pp_comm_elements
 from minipar.nn import GPT, DropoutKey, GPTConfig
 from minipar.parallel.pipeline import schedules
@@ -39,31 +40,35 @@ def config(n_layer, tied=True, dropout=0.0):
                      tied_embeddings=tied, dropout=dropout, precision="fp64")
 
 
-def pipeline_engine(group, dp, pp, schedule, m, v=1, cfg=None, tracer=False):
-    """An Engine over a dp x pp grid of `group`. The engine builds a Pipeline only for pp > 1;
-    for pp = 1 one is attached by hand, so a single rank runs the same executor."""
-    cfg = cfg or config(pp * v)
-    grid = ProcessGrid(group, dp, pp, 1)
-    layout = Layout(dp=dp, pp=pp, micro_batches=m, schedule=schedule, virtual_stages=v)
+class OneRankPipelineEngine(Engine):
+    """An Engine that runs the pipeline executor even with pp = 1 (the plain Engine builds a
+    Pipeline only for pp > 1): one rank's chunks then send to and receive from themselves."""
+
+    def __init__(self, cfg, layout, optim, seed, grid, tracer=None, device=None):
+        super().__init__(cfg, layout, optim, seed, grid, tracer, device)
+        if self.pipeline is None:
+            self.pipeline = Pipeline(self.model, grid, layout, seed, tracer)
+
+
+def pipeline_engine(grid, device, schedule, m, v=1, cfg=None, tracer=False):
+    """An Engine over the dp x pp `grid` running `schedule` on m micro-batches (v chunks a rank)."""
+    cfg = cfg or config(grid.pp * v)
+    layout = Layout(dp=grid.dp, pp=grid.pp, micro_batches=m, schedule=schedule, virtual_stages=v)
     trace = Tracer(grid.pp_rank) if tracer else None
-    engine = Engine(cfg, layout, OPTIM, SEED, grid, tracer=trace)
-    if pp == 1:
-        engine.pipeline = Pipeline(engine.model, grid, layout, SEED, trace)
-    return engine
+    return OneRankPipelineEngine(cfg, layout, OPTIM, SEED, grid, tracer=trace, device=device)
 
 
-def assert_parity(group, engine, cfg, batch, steps=2):
-    """Train the engine and the serial oracle in lockstep; collective verdicts on the loss every
-    step and on params, grads, Adam m and v. Returns the largest relative error seen."""
-    serial, worst = Engine(cfg, optim=OPTIM, seed=SEED), 0.0
-    for step in range(steps):
-        loss, expected = engine.train_step(step, TASK, batch), serial.train_step(step, TASK, batch)
-        rows = parity.compare_models(engine, serial)
-        worst = max(worst, parity.check(group, rows, TOL, f" at step {step}", loss=(loss, expected)))
+def assert_parity(grid, device, cfg, schedule, m, v, batch, steps=2):
+    """lockstep (minipar/lockstep.py) of the pipeline and the serial oracle: collective verdicts
+    on the loss, grads, params, Adam m and v every step; then the same greedy predictions.
+    Returns the largest relative error seen."""
+    layout = Layout(dp=grid.dp, pp=grid.pp, micro_batches=m, schedule=schedule, virtual_stages=v)
+    run = lockstep(cfg, layout, TASK, batch, steps, grid=grid, optim=OPTIM, seed=SEED, tol=TOL, device=device,
+                   engine=OneRankPipelineEngine)
     x = TASK.batch(0, np.arange(4), split="val")[0]
-    engine.model.eval(), serial.model.eval()
-    agree(group, np.array_equal(engine.predict(x), serial.predict(x)), "predictions differ from serial")
-    return worst
+    run.local.model.eval(), run.serial.model.eval()
+    agree(grid.world, np.array_equal(run.local.predict(x), run.serial.predict(x)), "predictions differ from serial")
+    return run.worst
 
 
 # ----------------------------------------------------------------------------- serial
@@ -115,13 +120,11 @@ def test_fewer_layers_than_virtual_stages_is_refused():
 @settings(max_examples=10)
 @given(st.sampled_from(SCHEDULE_RUNS), st.integers(1, 3), st.booleans(), st.sampled_from([0.0, 0.1]),
        st.integers(0, 1))
-def test_single_rank_pipeline_equals_serial(run, m, tied, dropout, extra_layers):
+def test_single_rank_pipeline_equals_serial(device, run, m, tied, dropout, extra_layers):
     schedule, v = run
     v = v + extra_layers if schedule == "interleaved" else v   # interleaved: 2 or 3 chunks, self-messages
     cfg = config(v + extra_layers, tied, dropout)
-    group = Group.single()
-    engine = pipeline_engine(group, 1, 1, schedule, m, v, cfg)
-    assert_parity(group, engine, cfg, batch=2 * m)
+    assert_parity(ProcessGrid(Group.single(), 1, 1, 1), device, cfg, schedule, m, v, batch=2 * m)
 
 
 # ----------------------------------------------------------------------------- MPI
@@ -134,7 +137,7 @@ def layouts(world_size):
 @pytest.mark.mpi
 @settings(max_examples=15)
 @given(data=st.data())
-def test_parity_with_serial_for_any_schedule_and_grid(world, group_of, data):
+def test_parity_with_serial_for_any_schedule_and_grid(world, grid_of, device, data):
     dp, pp = data.draw(st.sampled_from(layouts(world.size)), label="(dp, pp)")
     schedule, v = data.draw(st.sampled_from(SCHEDULE_RUNS), label="schedule")
     if schedule == "interleaved":
@@ -145,37 +148,19 @@ def test_parity_with_serial_for_any_schedule_and_grid(world, group_of, data):
     tied = data.draw(st.booleans(), label="tied")
     dropout = data.draw(st.sampled_from([0.0, 0.1]), label="dropout")
     cfg = config(pp * v + data.draw(st.integers(0, 2), label="extra layers"), tied, dropout)
-    group = group_of(dp * pp)
-    engine = pipeline_engine(group, dp, pp, schedule, m, v, cfg)
-    assert_parity(group, engine, cfg, batch=dp * m * data.draw(st.integers(1, 2), label="b"))
-
-
-_PIPES = {}
-
-
-def pipeline_group(world, p):
-    """This rank's block of p consecutive ranks (any p: 8 ranks make blocks 0-2, 3-5 and 6-7);
-    a rank in a leftover block smaller than p skips (the harness counts a skip as a pass)."""
-    if world.size < p:
-        pytest.skip(f"needs {p} ranks")
-    if p not in _PIPES:
-        _PIPES[p] = world.split(color=world.rank // p, key=world.rank, name=f"pipe{p}")
-    if _PIPES[p].size < p:
-        pytest.skip(f"ranks {world.rank // p * p}.. form no full {p}-stage pipeline")
-    return _PIPES[p]
+    batch = dp * m * data.draw(st.integers(1, 2), label="b")
+    assert_parity(grid_of(dp, pp), device, cfg, schedule, m, v, batch)
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 @pytest.mark.parametrize("p,m", [(3, 3), (3, 5), (4, 4)])
-def test_deep_pipelines_equal_serial_with_m_at_least_p(world, schedule, p, m):
+def test_deep_pipelines_equal_serial_with_m_at_least_p(pipeline_group, device, schedule, p, m):
     """p >= 3 has middle stages that receive both activations and gradients; with m >= p, 1F1B
     keeps up to p micro-batches in flight and ZB-H1 runs deferred W steps that still read the
     gradients received for earlier micro-batches (a reused receive buffer breaks exactly this)."""
-    group = pipeline_group(world, p)
-    cfg = config(p + 1)
-    engine = pipeline_engine(group, 1, p, schedule, m, cfg=cfg)
-    assert_parity(group, engine, cfg, batch=m)
+    grid = ProcessGrid(pipeline_group(p), 1, p, 1)
+    assert_parity(grid, device, config(p + 1), schedule, m, 1, batch=m)
 
 
 def largest_pipeline(world):
@@ -186,11 +171,11 @@ def largest_pipeline(world):
 
 
 @pytest.mark.mpi
-def test_bubble_of_what_ran_equals_the_formula_and_zb_h1_beats_1f1b(world, group_of):
+def test_bubble_of_what_ran_equals_the_formula_and_zb_h1_beats_1f1b(world, group_of, device):
     p = largest_pipeline(world)
     group, m, logical = group_of(p), 2 * p, {}
     for schedule, v in SCHEDULE_RUNS:
-        engine = pipeline_engine(group, 1, p, schedule, m, v, tracer=True)
+        engine = pipeline_engine(ProcessGrid(group, 1, p, 1), device, schedule, m, v, tracer=True)
         engine.train_step(0, TASK, m)
         ran = engine.pipeline.gather_executed()
         logical[schedule] = schedules.bubble_fraction(schedules.simulate(ran, p, v), p)
@@ -235,12 +220,12 @@ def implied_peak(actions, f, w):
 
 
 @pytest.mark.mpi
-def test_activation_peaks_follow_the_schedule(world, group_of):
+def test_activation_peaks_follow_the_schedule(world, group_of, device):
     p = largest_pipeline(world)
     group, b, peaks = group_of(p), 2, {}
     for schedule, v in SCHEDULE_RUNS:
         for m in (p, 2 * p):
-            engine = pipeline_engine(group, 1, p, schedule, m, v)
+            engine = pipeline_engine(ProcessGrid(group, 1, p, 1), device, schedule, m, v)
             engine.train_step(0, TASK, b * m)
             peak, pipe = engine.ledger.peak("activation"), engine.pipeline
             f, w = zip(*(one_microbatch_bytes(pipe, c, b) for c in range(v)))
@@ -266,10 +251,10 @@ def test_activation_peaks_follow_the_schedule(world, group_of):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("schedule, v", SCHEDULE_RUNS)
-def test_each_boundary_carries_bsh_per_microbatch_each_way(world, group_of, schedule, v):
+def test_each_boundary_carries_bsh_per_microbatch_each_way(world, group_of, device, schedule, v):
     p = largest_pipeline(world)
     group, m, b = group_of(p), p, 2
-    engine = pipeline_engine(group, 1, p, schedule, m, v, config(p * v))
+    engine = pipeline_engine(ProcessGrid(group, 1, p, 1), device, schedule, m, v, config(p * v))
     with group.ledger.measure() as calls:
         engine.train_step(0, TASK, b * m)
     per_boundary = pp_comm_elements(b, TASK.seq_len, engine.cfg.d_model, m)   # b*s*h*m, one way

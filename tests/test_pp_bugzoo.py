@@ -21,27 +21,25 @@ from minipar import parity
 from minipar.autograd import Tensor
 from minipar.data import ReverseTask
 from minipar.comm.grid import ProcessGrid
-from minipar.engine import Engine, Layout, OptimConfig
+from minipar.engine import Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.nn import GPTConfig
 from minipar.parallel.pipeline import executor as pipeline
 from minipar.parallel.pipeline.schedules import Action
-from test_pipeline import pipeline_group
 
 pytestmark = [pytest.mark.mpi, pytest.mark.pp]
 SEED, TASK, OPTIM = 5, ReverseTask(n_digits=4), OptimConfig(lr=1e-2)
 
 
-def run_against_serial(group, schedule, m=2):
-    """One training step of a pipeline over `group` and of the serial run; the collective verdict."""
+def run_against_serial(group, device, schedule, m=2):
+    """One training step of a pipeline over `group` and of the serial run in lockstep
+    (minipar/lockstep.py): the collective verdict."""
     p = group.size
     cfg = GPTConfig(vocab_size=11, seq_len=8, n_layer=p, n_head=2, d_model=8,
                     tied_embeddings=True, precision="fp64")
     layout = Layout(pp=p, micro_batches=m, schedule=schedule)
-    engine = Engine(cfg, layout, OPTIM, SEED, ProcessGrid(group, 1, p, 1))
-    serial = Engine(cfg, optim=OPTIM, seed=SEED)
-    loss, expected = engine.train_step(0, TASK, 2 * m), serial.train_step(0, TASK, 2 * m)
-    return parity.check(group, parity.compare_models(engine, serial), parity.TOLERANCE["fp64"],
-                        " after one step", loss=(loss, expected))
+    return lockstep(cfg, layout, TASK, 2 * m, steps=1, grid=ProcessGrid(group, 1, p, 1), optim=OPTIM, seed=SEED,
+                    device=device).worst
 
 
 def loss_not_divided(loss, loss_scale, m):
@@ -88,44 +86,40 @@ BUGS = {   # name -> (attribute of the pipeline module to replace, replacement, 
 
 @pytest.mark.parametrize("schedule,p,m", [("gpipe", 2, 2), ("1f1b", 2, 2), ("zb-h1", 2, 2),
                                           ("1f1b", 3, 3), ("zb-h1", 3, 3)])
-def test_the_unpatched_pipeline_passes(world, schedule, p, m):
-    if world.size < p:
-        pytest.skip(f"needs {p} ranks")
-    run_against_serial(pipeline_group(world, p), schedule, m)   # the control: parity.check would raise
+def test_the_unpatched_pipeline_passes(pipeline_group, device, schedule, p, m):
+    run_against_serial(pipeline_group(p), device, schedule, m)   # the control: parity.check would raise
 
 
-def caught(world, monkeypatch, bug):
+def caught(world, pipeline_group, device, monkeypatch, bug):
     """Plant `bug`; the check of the control's run must raise ParityError (on every rank)."""
     name, replacement, schedule, p, m = BUGS[bug]
-    if world.size < p:
-        pytest.skip(f"needs {p} ranks")
-    group = pipeline_group(world, p)
+    group = pipeline_group(p)
     owner, _, attr = name.rpartition(".")
     monkeypatch.setattr(getattr(pipeline, owner) if owner else pipeline, attr, replacement)
     with pytest.raises(parity.ParityError, match="parity failed") as caught:
-        run_against_serial(group, schedule, m)
+        run_against_serial(group, device, schedule, m)
     if group.rank == 0 and world.rank == 0:
         print(f"\n  {bug}: {caught.value}")            # what a student sees (pytest -s)
 
 
-def test_catches_loss_not_divided_across_micro_batches(world, monkeypatch):
-    caught(world, monkeypatch, "loss_not_divided_across_micro_batches")
+def test_catches_loss_not_divided_across_micro_batches(world, pipeline_group, device, monkeypatch):
+    caught(world, pipeline_group, device, monkeypatch, "loss_not_divided_across_micro_batches")
 
 
-def test_catches_received_activation_stored_under_the_wrong_micro_batch(world, monkeypatch):
-    caught(world, monkeypatch, "received_activation_stored_under_the_wrong_micro_batch")
+def test_catches_received_activation_stored_under_the_wrong_micro_batch(world, pipeline_group, device, monkeypatch):
+    caught(world, pipeline_group, device, monkeypatch, "received_activation_stored_under_the_wrong_micro_batch")
 
 
-def test_catches_tied_embedding_gradients_not_summed(world, monkeypatch):
-    caught(world, monkeypatch, "tied_embedding_gradients_not_summed")
+def test_catches_tied_embedding_gradients_not_summed(world, pipeline_group, device, monkeypatch):
+    caught(world, pipeline_group, device, monkeypatch, "tied_embedding_gradients_not_summed")
 
 
-def test_catches_a_w_step_skipped(world, monkeypatch):
-    caught(world, monkeypatch, "a_w_step_skipped")
+def test_catches_a_w_step_skipped(world, pipeline_group, device, monkeypatch):
+    caught(world, pipeline_group, device, monkeypatch, "a_w_step_skipped")
 
 
-def test_catches_a_receive_buffer_reused_across_micro_batches(world, monkeypatch):
-    caught(world, monkeypatch, "a_receive_buffer_reused_across_micro_batches")
+def test_catches_a_receive_buffer_reused_across_micro_batches(world, pipeline_group, device, monkeypatch):
+    caught(world, pipeline_group, device, monkeypatch, "a_receive_buffer_reused_across_micro_batches")
 
 
 def test_every_mistake_has_its_test():

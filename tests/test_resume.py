@@ -81,14 +81,14 @@ def job(world):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(first, layout, precision, start, stop, resume=None, saves=None):
+def run(first, device, layout, precision, start, stop, resume=None, saves=None):
     """Train `layout` on the first ranks for steps [start, stop), after loading `resume`;
     saves = {step: path}. The losses on the ranks that ran, else None."""
     group = first(layout.world_size)
     if group is None:
         return None
     grid = ProcessGrid(group, layout.dp, layout.pp, layout.tp) if layout.world_size > 1 else None
-    engine = Engine(config(precision), layout, OPTIM, seed=3, grid=grid)   # the harness's --device
+    engine = Engine(config(precision), layout, OPTIM, seed=3, grid=grid, device=device)
     if resume is not None:
         assert checkpoint.load(resume, engine) == start
     losses = []
@@ -130,16 +130,16 @@ PRECISIONS = ("fp64", "fp64", "fp64", "fp32", "mixed")   # others resume into th
 @given(save=st.sampled_from(FITS), resume=st.sampled_from(FITS), precision=st.sampled_from(PRECISIONS))
 @example(save="dp2-zero3", resume="serial", precision="fp64")     # the issue's case, every run
 @example(save="default4", resume="default4", precision="mixed")
-def test_any_layout_resumes_any_checkpoint(job, world, save, resume, precision):
+def test_any_layout_resumes_any_checkpoint(job, world, device, save, resume, precision):
     first, tmp = job
     if save not in FITS or resume not in FITS:             # an explicit example for a bigger job
         return
     resume = resume if precision == "fp64" else save
     where = os.path.join(tmp, f"{save}-{resume}-{precision}")
     at_k, full, resumed = where + "-k", where + "-full", where + "-resumed"
-    a_losses = run(first, LAYOUTS[save], precision, 0, K + J, saves={K: at_k, K + J: full})
+    a_losses = run(first, device, LAYOUTS[save], precision, 0, K + J, saves={K: at_k, K + J: full})
     world.barrier()                                        # A's checkpoint is on disk
-    b_losses = run(first, LAYOUTS[resume], precision, K, K + J, resume=at_k, saves={K + J: resumed})
+    b_losses = run(first, device, LAYOUTS[resume], precision, K, K + J, resume=at_k, saves={K + J: resumed})
     world.barrier()
     bad = differences(a_losses[K:], b_losses, full, resumed, save == resume, precision) if world.rank == 0 else []
     agree(world, not bad, f"saved under {save}, resumed under {resume} ({precision}): {bad}")
@@ -147,15 +147,15 @@ def test_any_layout_resumes_any_checkpoint(job, world, save, resume, precision):
 
 @pytest.mark.parametrize("save, resume", [("default4", "default2"), ("dp2-zero2-offload", "dp4-zero3"),
                                           ("default8", "default4")])
-def test_named_pairs(job, world, save, resume):
+def test_named_pairs(job, world, device, save, resume):
     """Pairs the issue names: ZeRO-3 into itself, and the default layouts into each other."""
     first, tmp = job
     if save not in FITS or resume not in FITS:
         pytest.skip(f"needs {max(LAYOUTS[save].world_size, LAYOUTS[resume].world_size)} ranks")
     where = os.path.join(tmp, f"named-{save}-{resume}")
-    a_losses = run(first, LAYOUTS[save], "fp64", 0, K + J, saves={K: where + "-k", K + J: where + "-full"})
+    a_losses = run(first, device, LAYOUTS[save], "fp64", 0, K + J, saves={K: where + "-k", K + J: where + "-full"})
     world.barrier()
-    b_losses = run(first, LAYOUTS[resume], "fp64", K, K + J, resume=where + "-k", saves={K + J: where + "-r"})
+    b_losses = run(first, device, LAYOUTS[resume], "fp64", K, K + J, resume=where + "-k", saves={K + J: where + "-r"})
     world.barrier()
     bad = differences(a_losses[K:], b_losses, where + "-full", where + "-r", save == resume) \
         if world.rank == 0 else []

@@ -22,70 +22,27 @@ from hypothesis import strategies as st
 
 from minipar import ops, parity
 from minipar.autograd import Tensor, track_saved
-from minipar.data import ReverseTask
-from minipar.comm.group import CommLedger, Group
-from minipar.comm.grid import ProcessGrid
+from minipar.comm.group import Group
 from minipar.parity import agree, assert_close
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.memory import MemoryLedger, tp_comm_elements
-from minipar.nn import GPT, DropoutKey, GPTConfig
+from minipar.nn import GPT, DropoutKey
 from minipar.parallel.tensor.sequence import GatherSeq, ReduceScatterSeq, seq_slice
 from minipar.parallel.tensor.megatron import CopyToTP, ReduceFromTP, shard_tensor_parallel, split_heads
 from minipar.parallel.tensor.vocab import vocab_parallel_argmax, vocab_parallel_cross_entropy
+
+from helpers import TASK, TP_OPTIM, TP_RUN, TP_SEED, tp_config
 
 pytestmark = pytest.mark.tp
 
 WORLD = Group.world().size
 TP_SIZES = [t for t in (2, 4, 8) if t <= WORLD and WORLD % t == 0]
-TASK = ReverseTask(n_digits=4)                       # ids < 11, sequences of T = 8 tokens
-OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, max_norm=0.05)   # the clip is active: norm_owner matters
-TOL = 1e-11                                          # tighter than parity.TOLERANCE["fp64"]
-SEED = 5
-
-
-def config(tp=2, **kw):
-    """A tiny GPT that tp ranks can split: n_head and vocab_size divisible by tp."""
-    base = dict(vocab_size=16, seq_len=8, n_layer=2, n_head=max(4, tp), d_model=4 * max(4, tp),
-                precision="fp64")
-    return GPTConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def tp_grid(group_of):
-    """tp_grid(dp, tp, algorithm): ProcessGrid(dp, 1, tp) over a block of dp*tp ranks, with a
-    ledger of its own. Cached: communicators are a finite resource."""
-    grids = {}
-
-    def make(dp, tp, algorithm="mpi"):
-        if (dp, tp, algorithm) not in grids:
-            block = group_of(dp * tp).using(ledger=CommLedger(), algorithm=algorithm)
-            grids[dp, tp, algorithm] = ProcessGrid(block, dp, 1, tp)
-        return grids[dp, tp, algorithm]
-    return make
-
-
-def lockstep(grid, cfg, layout, steps=2, batch=8, optim=OPTIM, tol=TOL, prepare=None):
-    """Serial and tensor-parallel Engines side by side, parity.check after every step (loss,
-    grads, params, m, v and the global grad norm). Returns the worst relative error seen.
-    `prepare(serial, local)` may alter both engines before the first step (the bug zoo)."""
-    serial = Engine(cfg, Layout(), optim, seed=SEED)
-    local = Engine(cfg, layout, optim, seed=SEED, grid=grid)
-    if prepare is not None:
-        prepare(serial, local)
-    worst = 0.0
-    for step in range(steps):
-        want = serial.train_step(step, TASK, batch)
-        got = local.train_step(step, TASK, batch)
-        rows = parity.compare_models(local, serial)        # with the global grad norm's row
-        where = (f" (tp={layout.tp}, dp={layout.dp}, sp={layout.sequence_parallel}, "
-                 f"micro={layout.micro_batches}, step {step})")
-        worst = max(worst, parity.check(grid.world, rows, tol, where, loss=(got, want)))
-    return worst
 
 
 def serial_and_tp(cfg, group, sequence_parallel):
     """(serial GPT, this rank's tensor-parallel GPT), both from the same seed."""
-    return GPT(cfg, SEED), shard_tensor_parallel(GPT(cfg, SEED), group, sequence_parallel)
+    return GPT(cfg, TP_SEED), shard_tensor_parallel(GPT(cfg, TP_SEED), group, sequence_parallel)
 
 
 def biggest_tp_group(group_of):
@@ -110,10 +67,10 @@ def test_whole_heads_are_one_contiguous_block_of_columns(tp):
 @given(seed=st.integers(0, 2 ** 16), sp=st.booleans(), tied=st.booleans(), dropout=st.sampled_from([0.0, 0.2]))
 def test_one_rank_tensor_parallel_model_is_the_serial_model(seed, sp, tied, dropout):
     """tp = 1 runs every TP code path (vocab-parallel loss, f, g, SP gathers) over one rank."""
-    cfg = config(tp=1, tied_embeddings=tied, dropout=dropout)
+    cfg = tp_config(tp=1, tied_embeddings=tied, dropout=dropout)
     serial, local = serial_and_tp(cfg, Group.single(), sp)
     x, y = TASK.batch(seed, np.arange(4))
-    key = DropoutKey(SEED, seed, np.arange(4))
+    key = DropoutKey(TP_SEED, seed, np.arange(4))
     want, got = serial.loss(x, y, key), local.loss(x, y, key)
     want.backward()
     got.backward()
@@ -185,9 +142,9 @@ def test_vocab_parallel_loss_and_argmax_equal_the_full_logits_ones(group_of, see
 @pytest.mark.parametrize("sp", [False, True])
 def test_one_block_equals_the_serial_block(group_of, sp):
     group = biggest_tp_group(group_of)
-    cfg = config(group.size, dropout=0.1)
+    cfg = tp_config(group.size, dropout=0.1)
     serial, local = serial_and_tp(cfg, group, sp)
-    rng, key = np.random.default_rng(0), DropoutKey(SEED, 0, np.arange(2))
+    rng, key = np.random.default_rng(0), DropoutKey(TP_SEED, 0, np.arange(2))
     x, g = rng.standard_normal((2, cfg.seq_len, cfg.d_model)), rng.standard_normal((2, cfg.seq_len, cfg.d_model))
     mine = seq_slice(cfg.seq_len // group.size, group.rank) if sp else slice(None)
     xs, xl = Tensor(x, requires_grad=True), Tensor(x[:, mine].copy(), requires_grad=True)
@@ -208,7 +165,7 @@ def tp_runs(draw):
     tp = draw(st.sampled_from(TP_SIZES))
     dp = draw(st.sampled_from([d for d in (1, 2, 4) if d * tp <= WORLD and WORLD % (d * tp) == 0]))
     n_head = draw(st.sampled_from([h for h in (2, 4, 8) if h % tp == 0]))
-    cfg = config(tp, n_head=n_head, d_model=n_head * draw(st.sampled_from([2, 4])),
+    cfg = tp_config(tp, n_head=n_head, d_model=n_head * draw(st.sampled_from([2, 4])),
                  vocab_size=draw(st.sampled_from([16, 24])), n_layer=draw(st.sampled_from([1, 2])),
                  tied_embeddings=draw(st.booleans()), dropout=draw(st.sampled_from([0.0, 0.1])))
     layout = Layout(dp=dp, tp=tp, sequence_parallel=draw(st.booleans()),
@@ -219,32 +176,34 @@ def tp_runs(draw):
 @pytest.mark.mpi
 @settings(max_examples=10)
 @given(run=tp_runs())
-def test_tensor_parallel_training_equals_serial(tp_grid, run):
+def test_tensor_parallel_training_equals_serial(grid_of, device, run):
     cfg, layout, steps, algorithm = run
     if not TP_SIZES:
         pytest.skip("tensor parallelism needs at least 2 ranks")
-    grid = tp_grid(layout.dp, layout.tp, algorithm)
-    worst = lockstep(grid, cfg, layout, steps)
+    grid = grid_of(layout.dp, tp=layout.tp, algorithm=algorithm)
+    worst = lockstep(cfg, layout, steps=steps, grid=grid, device=device, **TP_RUN).worst
     if grid.world.rank == 0:                           # shown with pytest -s
         print(f"\n  max rel err {worst:.2e}: {algorithm}, {layout}, {cfg}")
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("sp,tied", [(False, True), (True, False)])
-def test_dropout_run_equals_serial_dropout_run(tp_grid, sp, tied):
+def test_dropout_run_equals_serial_dropout_run(grid_of, device, sp, tied):
     tp = TP_SIZES[-1] if TP_SIZES else pytest.skip("needs 2 ranks")
     layout = Layout(tp=tp, sequence_parallel=sp, micro_batches=2)
-    lockstep(tp_grid(1, tp), config(tp, dropout=0.2, tied_embeddings=tied), layout, steps=2)
+    lockstep(tp_config(tp, dropout=0.2, tied_embeddings=tied), layout, steps=2, grid=grid_of(tp=tp),
+             device=device, **TP_RUN)
 
 
 @pytest.mark.mpi
-def test_float32_training_is_within_the_stated_tolerance(tp_grid):
+def test_float32_training_is_within_the_stated_tolerance(grid_of, device):
     """float32: only the reduction order differs; Adam eps 1e-6 as in the DP tests (the key bias
     has an exactly-zero gradient whose rounding noise Adam would otherwise amplify)."""
     tp = TP_SIZES[-1] if TP_SIZES else pytest.skip("needs 2 ranks")
-    optim = OptimConfig(lr=OPTIM.lr, weight_decay=0.1, max_norm=OPTIM.max_norm, eps=1e-6)
-    lockstep(tp_grid(1, tp), config(tp, precision="fp32"), Layout(tp=tp, sequence_parallel=True), 2,
-             optim=optim, tol=parity.TOLERANCE["fp32"])
+    optim = OptimConfig(lr=TP_OPTIM.lr, weight_decay=0.1, max_norm=TP_OPTIM.max_norm, eps=1e-6)
+    run = {**TP_RUN, "optim": optim, "tol": parity.TOLERANCE["fp32"]}
+    lockstep(tp_config(tp, precision="fp32"), Layout(tp=tp, sequence_parallel=True), steps=2,
+             grid=grid_of(tp=tp), device=device, **run)
 
 
 # ----------------------------------------------------------------------------- dropout masks
@@ -264,9 +223,9 @@ def test_dropout_masks_assembled_over_tp_are_the_serial_masks(group_of, monkeypa
         return attention(qkv, n_head, keep, p)
     monkeypatch.setattr(ops, "dropout", record_dropout)
     monkeypatch.setattr(ops, "causal_attention", record_attention)
-    serial, local = serial_and_tp(config(n, dropout=0.3), group, sp)
+    serial, local = serial_and_tp(tp_config(n, dropout=0.3), group, sp)
     x, _ = TASK.batch(0, np.arange(3))
-    key = DropoutKey(SEED, 1, np.arange(3))
+    key = DropoutKey(TP_SEED, 1, np.arange(3))
     serial(x, key)
     want, masks[:] = list(masks), []
     local(x, key)
@@ -314,7 +273,7 @@ def calls(window, group):
 @pytest.mark.parametrize("sp", [False, True])
 def test_one_layer_communicates_exactly_2_plus_2_all_reduces(group_of, sp):
     group = biggest_tp_group(group_of)
-    t, cfg = group.size, config(group.size)
+    t, cfg = group.size, tp_config(group.size)
     b, s, h = 2, cfg.seq_len, cfg.d_model
     block = serial_and_tp(cfg, group, sp)[1].blocks[0]
     x = Tensor(np.random.default_rng(0).standard_normal((b, s // t if sp else s, h)), requires_grad=True)
@@ -334,11 +293,12 @@ def test_one_layer_communicates_exactly_2_plus_2_all_reduces(group_of, sp):
 @pytest.mark.mpi
 @pytest.mark.parametrize("sp", [False, True])
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_training_step_communicates_layers_plus_embedding_head_and_loss(tp_grid, sp, tied):
+def test_a_training_step_communicates_layers_plus_embedding_head_and_loss(grid_of, device, sp, tied):
     tp = TP_SIZES[-1] if TP_SIZES else pytest.skip("needs 2 ranks")
-    grid, micro, b = tp_grid(1, tp), 2, 2
-    cfg = config(tp, tied_embeddings=tied)
-    engine = Engine(cfg, Layout(tp=tp, sequence_parallel=sp, micro_batches=micro), OPTIM, seed=SEED, grid=grid)
+    grid, micro, b = grid_of(tp=tp), 2, 2
+    cfg = tp_config(tp, tied_embeddings=tied)
+    engine = Engine(cfg, Layout(tp=tp, sequence_parallel=sp, micro_batches=micro), TP_OPTIM, seed=TP_SEED, grid=grid,
+                    device=device)
     with grid.tp_group.ledger.measure() as step:
         engine.train_step(0, TASK, micro * b)
     fwd, bwd = expected_layer_calls(cfg, b, cfg.seq_len, sp)
@@ -361,10 +321,10 @@ def split_and_replicated(cfg):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("tied", [True, False])
-def test_parameter_bytes_per_rank_are_split_over_t_plus_replicated(tp_grid, tied):
+def test_parameter_bytes_per_rank_are_split_over_t_plus_replicated(grid_of, device, tied):
     tp = TP_SIZES[-1] if TP_SIZES else pytest.skip("needs 2 ranks")
-    grid, cfg = tp_grid(1, tp), config(tp, tied_embeddings=tied)
-    engine = Engine(cfg, Layout(tp=tp), OPTIM, grid=grid)
+    grid, cfg = grid_of(tp=tp), tp_config(tp, tied_embeddings=tied)
+    engine = Engine(cfg, Layout(tp=tp), TP_OPTIM, grid=grid, device=device)
     split, replicated = split_and_replicated(cfg)
     itemsize = np.dtype(np.float64).itemsize
     held = engine.ledger.current("param")
@@ -385,12 +345,12 @@ def activation_peak(model, x, y, key):
 @pytest.mark.mpi
 def test_sequence_parallelism_shrinks_activation_memory(group_of):
     group = biggest_tp_group(group_of)
-    cfg = config(group.size, dropout=0.1, n_layer=1)
+    cfg = tp_config(group.size, dropout=0.1, n_layer=1)
     x, y = TASK.batch(0, np.arange(4))
-    key = DropoutKey(SEED, 0, np.arange(4))
-    serial = activation_peak(GPT(cfg, SEED), x, y, key)
-    tp = activation_peak(shard_tensor_parallel(GPT(cfg, SEED), group, False), x, y, key)
-    sp = activation_peak(shard_tensor_parallel(GPT(cfg, SEED), group, True), x, y, key)
+    key = DropoutKey(TP_SEED, 0, np.arange(4))
+    serial = activation_peak(GPT(cfg, TP_SEED), x, y, key)
+    tp = activation_peak(shard_tensor_parallel(GPT(cfg, TP_SEED), group, False), x, y, key)
+    sp = activation_peak(shard_tensor_parallel(GPT(cfg, TP_SEED), group, True), x, y, key)
     if group.rank == 0:                                # shown with pytest -s
         print(f"\n  activation bytes per rank, tp={group.size}: serial {serial[0]}, TP {tp[0]}, TP+SP {sp[0]}")
     agree(group, serial[1] == tp[1] == sp[1] == 0, "saved activations were not all released")
@@ -407,7 +367,7 @@ def test_uneven_split_is_refused_on_every_rank_before_any_collective(group_of, f
     group = group_of(2) if WORLD >= 2 else pytest.skip("needs 2 ranks")
     with group.ledger.measure() as window:
         try:
-            shard_tensor_parallel(GPT(config(2, **cfg)), group, False)
+            shard_tensor_parallel(GPT(tp_config(2, **cfg)), group, False)
             error = None
         except ValueError as err:
             error = str(err)
@@ -418,7 +378,7 @@ def test_uneven_split_is_refused_on_every_rank_before_any_collective(group_of, f
 @pytest.mark.mpi
 def test_sequence_parallelism_needs_T_divisible_by_tp(group_of):
     group = biggest_tp_group(group_of)
-    model = shard_tensor_parallel(GPT(config(group.size)), group, True)
+    model = shard_tensor_parallel(GPT(tp_config(group.size)), group, True)
     x, _ = TASK.batch(0, np.arange(2))
     with pytest.raises(ValueError, match="not divisible"):     # raised alike on every rank: same T
         model(x[:, :-1])

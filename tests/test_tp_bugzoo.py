@@ -1,7 +1,7 @@
 """Bug zoo for tensor parallelism: classic Megatron mistakes, patched in, must be caught.
 
 Each bug (monkeypatch, undone after the test) is a mistake people really make; the
-lockstep parity check of tests/test_tensor_parallel.py must raise ParityError on
+lockstep parity check (minipar/lockstep.py, as in tests/test_tensor_parallel.py) must raise ParityError on
 every rank. The control test runs the very same setup without the bug and passes.
 
     f_backward_without_all_reduce   f's backward returns the local dL/dx: every layer norm
@@ -26,11 +26,12 @@ import pytest
 
 from minipar.backend import array_module
 from minipar import parity
-from minipar.comm.group import CommLedger, Group
-from minipar.comm.grid import ProcessGrid
+from minipar.comm.group import Group
 from minipar.engine import Layout
+from minipar.lockstep import lockstep
 from minipar.parallel.tensor import megatron as tensor_parallel, sequence as sequence_parallel, vocab as vocab_parallel
-from test_tensor_parallel import config, lockstep
+
+from helpers import TP_RUN, tp_config
 
 pytestmark = [pytest.mark.mpi, pytest.mark.tp]
 
@@ -100,13 +101,15 @@ def replicas_counted_tp_times(monkeypatch):
     monkeypatch.setattr(tensor_parallel.TensorParallelGPT, "__init__", init)
 
 
-def scale_wte(serial, local):
-    """Large logits (|z| ~ 1e3): exp(z) overflows unless the max is subtracted first."""
-    for engine in (serial, local):
-        engine.model.wte.weight.data *= 1e4
+def scale_wte(step, local, serial):
+    """Before the first step, large logits (|z| ~ 1e3): exp(z) overflows unless the max is
+    subtracted first."""
+    if step == 0:
+        for engine in (local, serial):
+            engine.model.wte.weight.data *= 1e4
 
 
-# name: (bug, config overrides, sequence parallel, prepare)
+# name: (bug, config overrides, sequence parallel, hook before each step)
 BUGS = {
     "f_backward_without_all_reduce": (f_backward_without_all_reduce, {}, False, None),
     "g_backward_with_extra_all_reduce": (g_backward_with_extra_all_reduce, {}, False, None),
@@ -119,59 +122,60 @@ BUGS = {
 
 
 @pytest.fixture(scope="module")
-def grid(group_of):
+def grid(grid_of):
     if WORLD < 2:
         pytest.skip("tensor parallelism needs at least 2 ranks")
-    return ProcessGrid(group_of(TP).using(ledger=CommLedger()), 1, 1, TP)
+    return grid_of(tp=TP)
 
 
-def run(grid, bug):
-    _, overrides, sp, prepare = BUGS[bug]
+def run(grid, device, bug):
+    _, overrides, sp, before_step = BUGS[bug]
     layout = Layout(tp=TP, sequence_parallel=sp, micro_batches=2)
-    return lockstep(grid, config(TP, **overrides), layout, steps=2, prepare=prepare)
+    return lockstep(tp_config(TP, **overrides), layout, steps=2, grid=grid, before_step=before_step,
+                    device=device, **TP_RUN)
 
 
 @pytest.mark.parametrize("bug", BUGS)
-def test_correct_tensor_parallelism_passes_the_same_check(grid, bug):
-    run(grid, bug)
+def test_correct_tensor_parallelism_passes_the_same_check(grid, device, bug):
+    run(grid, device, bug)
 
 
-def caught(grid, monkeypatch, bug):
+def caught(grid, device, monkeypatch, bug):
     """Plant `bug`, run the control's check: it must raise ParityError (on every rank)."""
     BUGS[bug][0](monkeypatch)
     with pytest.raises(parity.ParityError, match="parity failed") as caught, np.errstate(over="ignore",
                                                                                           invalid="ignore"):
-        run(grid, bug)                                               # raised on every rank
+        run(grid, device, bug)                                       # raised on every rank
     if grid.world.rank == 0:
         print(f"\n  {bug}: {caught.value}")
 
 
-def test_catches_f_backward_without_all_reduce(grid, monkeypatch):
-    caught(grid, monkeypatch, "f_backward_without_all_reduce")
+def test_catches_f_backward_without_all_reduce(grid, device, monkeypatch):
+    caught(grid, device, monkeypatch, "f_backward_without_all_reduce")
 
 
-def test_catches_g_backward_with_extra_all_reduce(grid, monkeypatch):
-    caught(grid, monkeypatch, "g_backward_with_extra_all_reduce")
+def test_catches_g_backward_with_extra_all_reduce(grid, device, monkeypatch):
+    caught(grid, device, monkeypatch, "g_backward_with_extra_all_reduce")
 
 
-def test_catches_heads_cut_across_head_dim(grid, monkeypatch):
-    caught(grid, monkeypatch, "heads_cut_across_head_dim")
+def test_catches_heads_cut_across_head_dim(grid, device, monkeypatch):
+    caught(grid, device, monkeypatch, "heads_cut_across_head_dim")
 
 
-def test_catches_loss_without_global_max(grid, monkeypatch):
-    caught(grid, monkeypatch, "loss_without_global_max")
+def test_catches_loss_without_global_max(grid, device, monkeypatch):
+    caught(grid, device, monkeypatch, "loss_without_global_max")
 
 
-def test_catches_attention_dropout_not_cut_by_head(grid, monkeypatch):
-    caught(grid, monkeypatch, "attention_dropout_not_cut_by_head")
+def test_catches_attention_dropout_not_cut_by_head(grid, device, monkeypatch):
+    caught(grid, device, monkeypatch, "attention_dropout_not_cut_by_head")
 
 
-def test_catches_sp_layer_norm_grads_not_summed(grid, monkeypatch):
-    caught(grid, monkeypatch, "sp_layer_norm_grads_not_summed")
+def test_catches_sp_layer_norm_grads_not_summed(grid, device, monkeypatch):
+    caught(grid, device, monkeypatch, "sp_layer_norm_grads_not_summed")
 
 
-def test_catches_replicas_counted_tp_times_in_norm(grid, monkeypatch):
-    caught(grid, monkeypatch, "replicas_counted_tp_times_in_norm")
+def test_catches_replicas_counted_tp_times_in_norm(grid, device, monkeypatch):
+    caught(grid, device, monkeypatch, "replicas_counted_tp_times_in_norm")
 
 
 def test_every_mistake_has_its_test():

@@ -13,47 +13,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipar import autograd
-from minipar.data import ReverseTask
-from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
-from minipar.engine import Engine, Layout, OnDevice, OptimConfig
-from minipar.memory import (MemoryLedger, bytes_per_param, comm_elements_per_step, measure_alive,
-                            model_state_breakdown, model_state_bytes_formula, padded_numel)
-from minipar.nn import GPT, GPTConfig, Parameter
+from minipar.engine import Layout, OptimConfig
+from minipar.lockstep import lockstep
+from minipar.memory import (MemoryLedger, bytes_per_param, comm_elements_per_step, model_state_breakdown,
+                            model_state_bytes_formula, padded_numel)
+from minipar.nn import GPT, Parameter
 from minipar.parallel.zero.partition import Partition, unit_groups
 from minipar.parallel.zero.stages import ZeroOptimizer
-from minipar.parity import TOLERANCE, check, compare_models
+
+from helpers import TASK, alive_beyond_activations, zero_config, zero_engine, zero_run
 
 pytestmark = pytest.mark.zero
 
-TASK = ReverseTask(n_digits=4)                          # vocab 11, seq_len 8
-SHAPE = dict(vocab_size=11, seq_len=8, n_layer=2, n_head=3, d_model=9)   # Φ = 2367: odd everywhere
 DPS = (1, 2, 4, 8)
-
-
-def config(precision="fp64", **kw):
-    return GPTConfig(**{**SHAPE, **kw}, precision=precision)
-
-
-def pair(group, layout, precision="fp64", optim=None, **kw):
-    """(sharded engine on `group`, serial engine): the same model, seed and optimizer."""
-    cfg, optim = config(precision, **kw), optim or OptimConfig()
-    grid = ProcessGrid(group, layout.dp, layout.pp, layout.tp)
-    return Engine(cfg, layout, optim, seed=1, grid=grid), Engine(cfg, Layout(), optim, seed=1)
-
-
-def train_and_compare(local, serial, steps, batch, tol, where=""):
-    """Lockstep training with a collective verdict after EVERY step on the loss, the global
-    gradient norm (what clipping used), params, grads, m and v: a mistake is named at the
-    step it happens, before its effects spread. Returns the largest error seen."""
-    group = local.grid.world if local.grid is not None else None
-    worst = 0.0
-    for step in range(steps):
-        mine, theirs = local.train_step(step, TASK, batch), serial.train_step(step, TASK, batch)
-        rows = compare_models(local, serial)            # gathers ZeRO shards (collective over dp)
-        worst = max(worst, check(group, rows, tol, f"{where} at step {step}", loss=(mine, theirs)))
-    return worst
 
 
 # ----------------------------------------------------------------------------- serial
@@ -75,7 +48,7 @@ def test_partition_chunks_tile_every_unit_once(sizes, n):
 
 
 def test_units_per_stage():
-    model = GPT(config())
+    model = GPT(zero_config())
     params = model.parameters()
     assert [name for name, _ in unit_groups(params, 1)] == ["all"]
     buckets = unit_groups(params, 2, bucket_bytes=3000)
@@ -87,23 +60,23 @@ def test_units_per_stage():
 
 
 @pytest.mark.parametrize("stage,offload", [(0, True), (1, False), (2, True), (3, False), (3, True)])
-def test_one_rank_is_the_plain_optimizer(stage, offload):
+def test_one_rank_is_the_plain_optimizer(device, stage, offload):
     """dp_group None (N = 1): ZeRO must reduce to the serial optimizer."""
     layout = Layout(zero=stage, offload=offload, micro_batches=2, bucket_bytes=2000)
     optim = OptimConfig(max_norm=0.05, weight_decay=0.1)
-    local, serial = Engine(config(), layout, optim, seed=1), Engine(config(), Layout(), optim, seed=1)
-    assert train_and_compare(local, serial, 3, 4, 1e-12) < 1e-12
+    assert lockstep(zero_config(), layout, batch=4, steps=3, tol=1e-12, device=device,
+                    **zero_run(optim)).worst < 1e-12
 
 
-def test_sgd_with_momentum_is_supported():
+def test_sgd_with_momentum_is_supported(device):
     optim = OptimConfig(name="sgd", lr=0.1, momentum=0.9)
-    local, serial = Engine(config(), Layout(zero=2), optim, seed=1), Engine(config(), Layout(), optim, seed=1)
-    assert train_and_compare(local, serial, 3, 4, 1e-12) < 1e-12
-    assert set(local.optimizer.state()["wte.weight"]) == {"master", "momentum"}
+    outcome = lockstep(zero_config(), Layout(zero=2), batch=4, steps=3, tol=1e-12, device=device, **zero_run(optim))
+    assert outcome.worst < 1e-12
+    assert set(outcome.local.optimizer.state()["wte.weight"]) == {"master", "momentum"}
 
 
 def test_refusals_are_clear():
-    model = GPT(config())
+    model = GPT(zero_config())
     args = (OptimConfig(), model.precision, MemoryLedger(), model)
     with pytest.raises(ValueError, match="ZeRO-3 is supported with data parallelism only"):
         ZeroOptimizer(model.parameters(), None, Layout(zero=3, tp=2), *args)
@@ -115,8 +88,8 @@ def test_refusals_are_clear():
         ZeroOptimizer(model.parameters(), None, Layout(zero=1), OptimConfig(name="lion"), *args[1:])
 
 
-def test_stage3_keeps_only_the_shard_between_steps():
-    engine = Engine(config(), Layout(zero=3), OptimConfig(), seed=1)
+def test_stage3_keeps_only_the_shard_between_steps(device):
+    engine = zero_engine(None, Layout(zero=3), device)
     engine.train_step(0, TASK, 4)
     zero = engine.optimizer
     assert all(p.data.strides == (0,) * p.data.ndim for p in engine.params)   # released placeholders
@@ -143,7 +116,7 @@ def up_to_4(world):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @settings(max_examples=5)
 @given(data=st.data())
-def test_parity_with_the_serial_run(world, group_of, stage, data):
+def test_parity_with_the_serial_run(world, grid_of, device, stage, data):
     """fp64, k = 2-3 steps: params, grads, Adam m and v equal the serial run to 1e-10
     (measured worst over a full sweep of these draws on 8 ranks: 1.3e-13)."""
     dp = data.draw(st.sampled_from(dps_for(world)), "dp")
@@ -153,21 +126,20 @@ def test_parity_with_the_serial_run(world, group_of, stage, data):
     optim = OptimConfig(name=data.draw(st.sampled_from(["adamw", "adamw", "sgd"]), "optimizer"),
                         max_norm=data.draw(st.sampled_from([None, 0.05]), "max_norm"),
                         weight_decay=0.1, momentum=0.9)
-    local, serial = pair(group_of(dp), layout, optim=optim,
-                         dropout=data.draw(st.sampled_from([0.0, 0.1]), "dropout"))
+    cfg = zero_config(dropout=data.draw(st.sampled_from([0.0, 0.1]), "dropout"))
     batch = dp * layout.micro_batches * data.draw(st.sampled_from([1, 2]), "per micro-batch")
-    train_and_compare(local, serial, data.draw(st.sampled_from([2, 3]), "steps"), batch,
-                      TOLERANCE["fp64"], f" (dp={dp} zero={stage} offload={offload})")
+    lockstep(cfg, layout, batch=batch, steps=data.draw(st.sampled_from([2, 3]), "steps"), grid=grid_of(dp),
+             device=device, **zero_run(optim))
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("precision,stage,offload", [("fp32", 1, False), ("fp32", 3, True),
                                                      ("mixed", 2, False), ("mixed", 3, True)])
-def test_parity_in_low_precision(world, group_of, precision, stage, offload):
+def test_parity_in_low_precision(world, grid_of, device, precision, stage, offload):
     """fp32 within parity.TOLERANCE["fp32"] = 1e-4, mixed (fp16 params, loss scaling) within 5e-2."""
     n = up_to_4(world)
-    local, serial = pair(group_of(n), Layout(dp=n, zero=stage, offload=offload), precision)
-    train_and_compare(local, serial, 3, 8, TOLERANCE[precision], f" ({precision} zero={stage})")
+    lockstep(zero_config(precision), Layout(dp=n, zero=stage, offload=offload), batch=8, steps=3,
+             grid=grid_of(n), device=device, **zero_run())
 
 
 # ----------------------------------------------------------------------------- MPI: memory
@@ -181,11 +153,11 @@ def model_state_by_category(ledger, placement=None):
 @pytest.mark.parametrize("precision", ["mixed", "fp32"])
 @pytest.mark.parametrize("stage,offload", [(0, False), (1, False), (2, False), (3, False),
                                            (0, True), (1, True), (2, True), (3, True)])
-def test_memory_matches_the_zero_formulas(world, group_of, precision, stage, offload):
+def test_memory_matches_the_zero_formulas(world, grid_of, device, precision, stage, offload):
     """Per rank: ledger bytes = formula(Φ_pad) exactly, padding included; summed over the
     dp group, each category's real bytes = N x formula(Φ) exactly (the padding excluded)."""
     n = up_to_4(world)
-    engine, _ = pair(group_of(n), Layout(dp=n, zero=stage, offload=offload), precision)
+    engine = zero_engine(grid_of(n), Layout(dp=n, zero=stage, offload=offload), device, precision)
     engine.train_step(0, TASK, 8)
     led, dp = engine.ledger, engine.grid.dp_group
     zero = engine.optimizer if stage or offload else None
@@ -212,9 +184,9 @@ def test_memory_matches_the_zero_formulas(world, group_of, precision, stage, off
 
 
 @pytest.mark.mpi
-def test_stage3_releases_each_unit_after_use(group_of):
+def test_stage3_releases_each_unit_after_use(grid_of, device):
     """The param peak of a ZeRO-3 step is the shard plus the root and one Block, never the model."""
-    engine, _ = pair(group_of(2), Layout(dp=2, zero=3), "mixed")
+    engine = zero_engine(grid_of(2), Layout(dp=2, zero=3), device, "mixed")
     engine.ledger.reset_peak()
     engine.train_step(0, TASK, 4)
     zero, led = engine.optimizer, engine.ledger
@@ -225,24 +197,11 @@ def test_stage3_releases_each_unit_after_use(group_of):
     agree(zero.group, got == want, f"param bytes (peak, now) {got}; want {want}")
 
 
-def alive_beyond_activations(engine, step=1):
-    """tracemalloc: bytes allocated by one forward and still alive after it, minus the saved
-    activations the ledger counts; and the bytes of one Block's gathered parameters."""
-    engine.zero_grad()
-    x, y = OnDevice(TASK, engine.xp).batch(step, engine.local_indices(2 * engine.layout.dp)[0])
-    with measure_alive() as alive, autograd.track_saved(engine.ledger):
-        loss = engine.model.loss(x, y)
-        extra = alive.now() - engine.ledger.current("activation")
-        loss.backward()
-    engine.sync.finish()
-    return extra, engine.optimizer.part.units[-1].padded * engine.optimizer.param_shard.itemsize
-
-
 @pytest.mark.mpi
-def test_stage3_released_units_are_really_freed(group_of):
+def test_stage3_released_units_are_really_freed(grid_of, device):
     """tracemalloc cross-check of the ledger: after a ZeRO-3 forward, what is alive is the saved
     activations plus small change, far below one Block: every gathered unit was freed."""
-    engine, _ = pair(group_of(2), Layout(dp=2, zero=3), d_model=48, n_head=4)   # Blocks of 28k entries
+    engine = zero_engine(grid_of(2), Layout(dp=2, zero=3), device, d_model=48, n_head=4)   # Blocks of 28k entries
     engine.train_step(0, TASK, 4)
     extra, block = alive_beyond_activations(engine)
     agree(engine.grid.dp_group, extra < block / 2,
@@ -254,10 +213,10 @@ def test_stage3_released_units_are_really_freed(group_of):
 @pytest.mark.mpi
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_comm_volume_per_step(group_of, stage, n):
+def test_comm_volume_per_step(grid_of, device, stage, n):
     """Elements sent per rank over dp in one step: 2Φ(N-1)/N for DP, ZeRO-1, ZeRO-2 (Φ padded),
     3Φ(N-1)/N for ZeRO-3: the gradient all-reduce / reduce-scatter and the parameter all-gathers."""
-    engine, _ = pair(group_of(n), Layout(dp=n, zero=stage, bucket_bytes=3000), "mixed")
+    engine = zero_engine(grid_of(n), Layout(dp=n, zero=stage, bucket_bytes=3000), device, "mixed")
     ledger = engine.grid.dp_group.ledger
     with ledger.measure() as step:
         engine.train_step(0, TASK, 2 * n)
@@ -274,19 +233,19 @@ def test_comm_volume_per_step(group_of, stage, n):
 @pytest.mark.mpi
 @pytest.mark.offload
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_offload_traffic_and_device_savings(world, group_of, stage):
+def test_offload_traffic_and_device_savings(world, grid_of, device, stage):
     """Each step moves the fp16 grad shard down and the fp16 param shard up (2S bytes each);
     the device holds K·Φ/N = 12 S bytes less than without Offload, the host exactly that."""
     n = up_to_4(world)
-    on, _ = pair(group_of(n), Layout(dp=n, zero=stage, offload=True), "mixed")
-    off, _ = pair(group_of(n), Layout(dp=n, zero=stage), "mixed")
+    on = zero_engine(grid_of(n), Layout(dp=n, zero=stage, offload=True), device, "mixed")
+    off = zero_engine(grid_of(n), Layout(dp=n, zero=stage), device, "mixed")
     for engine in (on, off):
         engine.train_step(0, TASK, 8)
     s = on.optimizer.shard_size
     report = on.optimizer.report()
     got = (report["bytes_to_host"], report["bytes_to_device"], on.ledger.model_state_bytes("host"),
            off.ledger.model_state_bytes("device") - on.ledger.model_state_bytes("device"))
-    agree(group_of(n), got == (2 * s, 2 * s, 12 * s, 12 * s), f"offload numbers {got}, S={s}")
+    agree(on.grid.world, got == (2 * s, 2 * s, 12 * s, 12 * s), f"offload numbers {got}, S={s}")
 
 
 # ----------------------------------------------------------------------------- MPI: with TP / PP
@@ -295,19 +254,18 @@ def test_offload_traffic_and_device_savings(world, group_of, stage):
 @getattr(pytest.mark, "3d")
 @pytest.mark.parametrize("stage,offload", [(0, True), (1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("pp,tp,tied", [(1, 2, True), (2, 1, True), (2, 1, False)])
-def test_zero_with_tensor_and_pipeline_parallelism(group_of, stage, offload, pp, tp, tied):
+def test_zero_with_tensor_and_pipeline_parallelism(grid_of, device, stage, offload, pp, tp, tied):
     """3D: ZeRO-1/2 (and Offload) over the grid's dp group, on whatever parameters TP / PP
     leave a rank; replicas (norm_owner False) must drop out of the clipping norm."""
     layout = Layout(dp=2, pp=pp, tp=tp, zero=stage, offload=offload, micro_batches=2, bucket_bytes=2000)
-    local, serial = pair(group_of(4), layout, optim=OptimConfig(max_norm=0.05), n_head=4, d_model=8,
-                         vocab_size=12, tied_embeddings=tied)
-    train_and_compare(local, serial, 2, 8, TOLERANCE["fp64"], f" (zero={stage} pp={pp} tp={tp})")
+    cfg = zero_config(n_head=4, d_model=8, vocab_size=12, tied_embeddings=tied)
+    lockstep(cfg, layout, batch=8, steps=2, grid=grid_of(2, pp, tp), device=device,
+             **zero_run(OptimConfig(max_norm=0.05)))
 
 
 @pytest.mark.mpi
 @getattr(pytest.mark, "3d")
-def test_zero3_refuses_model_parallelism(group_of):
-    group = group_of(4)
+def test_zero3_refuses_model_parallelism(grid_of, device):
     with pytest.raises(ValueError, match="ZeRO-3 is supported with data parallelism only"):
-        pair(group, Layout(dp=2, tp=2, zero=3), n_head=4, d_model=8, vocab_size=12)
+        zero_engine(grid_of(2, tp=2), Layout(dp=2, tp=2, zero=3), device, n_head=4, d_model=8, vocab_size=12)
 

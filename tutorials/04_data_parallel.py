@@ -19,12 +19,12 @@
 # %%
 import numpy as np
 
-from minipar import parity
 from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree, assert_close, rel_err
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.nn import GPT, GPTConfig
 from minipar.parallel.data.ddp import DataParallel
 
@@ -132,15 +132,14 @@ say(f"Phi = {phi} parameters; 2(N-1)/N * Phi * 8 = {expected:g} bytes; the ledge
 #
 # `Engine` does all of the above inside `train_step`: slice, forward/backward
 # with bucketed overlapped all-reduce, then the AdamW step, the same on every
-# rank. `parity.compare_models` compares every parameter, gradient and Adam
-# moment with the serial run; `parity.check` is a collective verdict.
+# rank. `lockstep` (minipar/lockstep.py) steps a fresh data-parallel run and a
+# fresh serial run side by side; after each step `parity.compare_models`
+# compares every parameter, gradient and Adam moment with the serial run, and
+# `parity.check` is a collective verdict.
 
 # %%
-serial_fresh = Engine(cfg, Layout(), OptimConfig())
-loss_serial = serial_fresh.train_step(0, task, B)
-loss_ddp = ddp_run.train_step(0, task, B)
-worst = parity.check(world, parity.compare_models(ddp_run, serial_fresh), parity.TOLERANCE["fp64"],
-                     " (tutorial 04)", loss=(loss_ddp, loss_serial))
+run = lockstep(cfg, Layout(dp=N), task, B, steps=1, grid=grid)
+(loss_ddp, loss_serial), worst = run.losses[0], run.worst
 say(f"\nstep 0: loss {loss_ddp:.6f} (serial {loss_serial:.6f}); worst relative error {worst:.1e}")
 
 # %% [markdown]

@@ -29,13 +29,13 @@
 # %%
 import numpy as np
 
-from minipar import parity
 from minipar.autograd import Tensor, track_saved
 from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree, assert_close
-from minipar.engine import Engine, Layout, OptimConfig
+from minipar.engine import Layout
+from minipar.lockstep import lockstep
 from minipar.memory import MemoryLedger, tp_comm_elements
 from minipar.nn import GPT, DropoutKey, GPTConfig
 from minipar.parallel.tensor.megatron import CopyToTP, ReduceFromTP, shard_tensor_parallel
@@ -161,25 +161,21 @@ for sp in (False, True):
 # (B, T, V/t), and the loss never gathers them: the row max, the sum of exp and
 # the target logit are each one small all-reduce. Two AdamW steps, then every
 # parameter, gradient and Adam moment is compared with its slice of the serial
-# run.
+# run after every step (`lockstep`, minipar/lockstep.py: both runs stepped
+# together, one collective parity verdict a step).
 
 # %%
 worst = {}
 for sp in (False, True):
-    serial = Engine(cfg, Layout(), OptimConfig(), seed=0)
-    local = Engine(cfg, Layout(tp=t, sequence_parallel=sp, micro_batches=2), OptimConfig(), seed=0, grid=grid)
-    worst[sp] = 0.0
     with tp.ledger.measure() as steps:
-        for step in range(2):
-            want, got = serial.train_step(step, task, 8), local.train_step(step, task, 8)
-            rows = parity.compare_models(local, serial)
-            worst[sp] = max(worst[sp], parity.check(world, rows, 1e-11, f" (tutorial 05, sp={sp})",
-                                                    loss=(got, want)))
+        run = lockstep(cfg, Layout(tp=t, sequence_parallel=sp, micro_batches=2), task, 8, steps=2, grid=grid,
+                       tol=1e-11)
+    worst[sp], (got, want) = run.worst, run.losses[-1]
     say(f"\nsequence parallel {sp}: step 1 loss {got:.6f} (serial {want:.6f}), "
         f"worst relative error {worst[sp]:.1e}")
     say("tp traffic of 2 steps x 2 micro-batches:\n" + steps.format())
-say(f"\ngreedy accuracy (argmax without gathering logits): {local.accuracy(task, 64):.3f}, "
-    f"serial {serial.accuracy(task, 64):.3f}")
+say(f"\ngreedy accuracy (argmax without gathering logits): {run.local.accuracy(task, 64):.3f}, "
+    f"serial {run.serial.accuracy(task, 64):.3f}")
 
 # %% [markdown]
 # ## 5. Memory

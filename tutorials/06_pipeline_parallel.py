@@ -22,12 +22,12 @@
 # measure the bubble, the activation memory and the bytes sent.
 
 # %%
-from minipar import parity
 from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.memory import pp_comm_elements
 from minipar.nn import GPTConfig
 from minipar.parallel.pipeline import schedules
@@ -93,7 +93,7 @@ for schedule, v in RUNS:
 # One executor runs every schedule: it walks the rank's action list, receives
 # activations (blocking), sends them on (non-blocking), and for ZB-H1 lets B
 # queue each Linear's weight gradient as a closure that the W action runs.
-# After two AdamW steps each run must equal the serial run. The tracer stamps
+# After each of two AdamW steps every run must equal the serial run. The tracer stamps
 # every action; `trace_summary` re-simulates the actions that really ran with
 # unit durations (logical bubble, which must equal the formula exactly) and
 # measures the wall-time bubble. With tiny matrices, and 4 processes sharing
@@ -102,15 +102,12 @@ for schedule, v in RUNS:
 # the schedule, which is why the logical bubble is the one checked.
 
 # %%
-serial = Engine(cfg, optim=optim)
-serial_losses = [serial.train_step(step, task, M * b) for step in range(2)]
 results = {}
 for schedule, v in RUNS:
     layout = Layout(pp=P, micro_batches=M, schedule=schedule, virtual_stages=v)
-    engine = Engine(cfg, layout, optim, grid=grid, tracer=Tracer(grid.pp_rank))
-    losses = [engine.train_step(step, task, M * b) for step in range(2)]
-    err = parity.check(world, parity.compare_models(engine, serial), parity.TOLERANCE["fp64"],
-                       f" ({schedule})", loss=(losses[-1], serial_losses[-1]))
+    # the pipeline and the serial run stepped together (minipar/lockstep.py), parity checked every step
+    run = lockstep(cfg, layout, task, M * b, steps=2, grid=grid, optim=optim, tracer=Tracer(grid.pp_rank))
+    engine, err = run.local, run.worst
     report = engine.pipeline.trace_summary(M)
     ran = engine.pipeline.gather_executed()
     logical = schedules.bubble_fraction(schedules.simulate(ran, P, v), P)

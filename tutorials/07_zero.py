@@ -25,12 +25,12 @@
 # %%
 import numpy as np
 
-from minipar import parity
 from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.memory import comm_elements_per_step, model_state_bytes_formula
 from minipar.nn import GPTConfig, Parameter
 from minipar.parallel.zero.partition import Partition
@@ -162,20 +162,16 @@ say(f"\nZeRO-3 param bytes: shard {shard}, peak during the step {peak} "
 # %% [markdown]
 # ## 6. And it trains the same model
 #
-# In float64 every stage must equal the serial run after a few steps (only the
-# order of the summation differs). `gathered()` materialises the parameters
-# and averaged gradients of a ZeRO run for the comparison.
+# In float64 every stage must equal the serial run after every step (only the
+# order of the summation differs): `lockstep` (minipar/lockstep.py) steps both
+# runs together and compares them after each step. For the comparison, the
+# optimizer's `gathered()` materialises the parameters and averaged gradients
+# of a ZeRO run (`parity.compare_models` enters it through `Engine.inspect()`).
 
 # %%
 worst = {}
 for stage in (1, 2, 3):
-    serial = Engine(config("fp64"), Layout(), OptimConfig())
-    zero = Engine(config("fp64"), Layout(dp=N, zero=stage), OptimConfig(), grid=grid)
-    for step in range(3):
-        loss_serial, loss_zero = serial.train_step(step, task, B), zero.train_step(step, task, B)
-    with zero.optimizer.gathered():
-        worst[stage] = parity.check(world, parity.compare_models(zero, serial), parity.TOLERANCE["fp64"],
-                                    f" (ZeRO-{stage})", loss=(loss_zero, loss_serial))
+    worst[stage] = lockstep(config("fp64"), Layout(dp=N, zero=stage), task, B, steps=3, grid=grid).worst
 say("\n" + "  ".join(f"ZeRO-{s}: worst relative error {e:.1e}" for s, e in worst.items()))
 
 # %% [markdown]

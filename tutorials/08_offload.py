@@ -18,12 +18,12 @@
 # the code is the one a GPU run (CuPy) uses; on NumPy they are plain copies.
 
 # %%
-from minipar import parity
 from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.lockstep import lockstep
 from minipar.memory import model_state_bytes_formula
 from minipar.nn import GPTConfig
 
@@ -92,14 +92,11 @@ for (stage, offload), row in table.items():
 # ## 2. Same numbers as the serial run
 #
 # The host step is the same `optim.adamw_update` on the same values, so in
-# float64 Offload matches the serial run to rounding.
+# float64 Offload matches the serial run to rounding, after every step
+# (`lockstep`, minipar/lockstep.py: both runs stepped together, compared each step).
 
 # %%
-serial, offloaded = Engine(config("fp64"), Layout(), OptimConfig()), zero_run(2, True, "fp64")
-for step in range(3):
-    loss_serial, loss_offload = serial.train_step(step, task, B), offloaded.train_step(step, task, B)
-worst = parity.check(world, parity.compare_models(offloaded, serial), parity.TOLERANCE["fp64"],
-                     " (ZeRO-2 + Offload)", loss=(loss_offload, loss_serial))
+worst = lockstep(config("fp64"), Layout(dp=N, zero=2, offload=True), task, B, steps=3, grid=grid).worst
 say(f"\nZeRO-2 + Offload, fp64, 3 steps: worst relative error vs serial {worst:.1e}")
 
 # %% [markdown]
