@@ -43,7 +43,7 @@ import numpy as np
 from minipar import ops
 from minipar.autograd import Function
 from minipar.backend import array_module, like, scatter_add_rows, to_device, to_host
-from minipar.nn import Linear, Module, Parameter, _normal
+from minipar.layers import Linear, Module, Parameter, normal
 
 
 # ---- the Functions MoE needs: move rows, and one Linear per expert ----------------------------
@@ -162,9 +162,9 @@ class MoE(Module):
         self.n_experts, self.k = e, cfg.top_k
         self.coef, self.capacity_factor = cfg.aux_loss_coef, cfg.capacity_factor
         self.router = Linear(c, e, rng, dtype, bias=False)
-        self.w_fc = Parameter(_normal(rng, (e, c, 4 * c), 0.02, dtype))
+        self.w_fc = Parameter(normal(rng, (e, c, 4 * c), 0.02, dtype))
         self.b_fc = Parameter(np.zeros((e, 4 * c), dtype))
-        self.w_proj = Parameter(_normal(rng, (e, 4 * c, c), 0.02 / np.sqrt(2 * cfg.n_layer), dtype))
+        self.w_proj = Parameter(normal(rng, (e, 4 * c, c), 0.02 / np.sqrt(2 * cfg.n_layer), dtype))
         self.b_proj = Parameter(np.zeros((e, c), dtype))
         self.balance = None      # the Group whose tokens share routing statistics (None: serial)
         self.aux = None          # the aux loss Tensor of the last forward

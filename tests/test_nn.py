@@ -7,7 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 from minipar import ops
 from minipar.autograd import Tensor
-from minipar.nn import GPT, DropoutKey, GPTConfig, Linear, ShardSpec
+from minipar.dropout import DropoutKey
+from minipar.layers import Linear, ShardSpec
+from minipar.nn import GPT, GPTConfig
 from strategies import check_gradients, gpt_configs, seeds, shapes, token_batch
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from minipar.autograd import Function
 from minipar.moe import Gather, MoE
-from minipar.nn import Module, Parameter, ShardSpec
+from minipar.layers import Module, Parameter, ShardSpec
 
 
 class AllToAll(Function):
@@ -57,9 +57,9 @@ class ExpertParallelMoE(MoE):
         self.router = serial.router
         lo, hi = groups.first, groups.first + groups.per_rank
         for name, full in zip(("w_fc", "b_fc", "w_proj", "b_proj"), serial.expert_parameters()):
-            p = Parameter(full.data[lo:hi].copy())            # (E/ep, ...) this rank's experts
-            p.name, p.spec = full.name, ShardSpec(full.name, full.data.shape, 0, lo, hi)
-            p.norm_owner = groups.tp_rank == 0                # replicated over tp: counted once
+            p = Parameter(full.data[lo:hi].copy(), name=full.name)   # (E/ep, ...) this rank's experts
+            p.spec = ShardSpec(full.name, full.data.shape, 0, lo, hi,
+                               norm_owner=groups.tp_rank == 0)    # replicated over tp: counted once
             setattr(self, name, p)
         self.balance = groups.balance                         # routing statistics over dp
         self.group, self.per_rank = groups.ep_group, groups.per_rank
