@@ -1,4 +1,4 @@
-"""Modules and the GPT (minipar/nn.py): a whole-model gradient check, parameter naming
+"""Modules and the GPT (minipar/layers.py, minipar/nn.py): a whole-model gradient check, parameter naming
 and ShardSpecs, state_dict save/load, config validation, forward hooks, dropout keys.
 Serial, float64 unless a test says otherwise."""
 import numpy as np
