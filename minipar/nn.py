@@ -105,7 +105,7 @@ class Block(Module):
         self.attn = CausalSelfAttention(cfg, rng, dtype, site=3 * index + 3)
         self.drop_1 = Dropout(cfg.dropout, 3 * index + 1, cfg.seq_len)
         self.ln_2 = LayerNorm(cfg.d_model, dtype)
-        self.mlp = MoE(cfg, rng, dtype) if cfg.is_moe(index) else MLP(cfg, rng, dtype)
+        self.mlp = MoE.from_config(cfg, rng, dtype) if cfg.is_moe(index) else MLP(cfg, rng, dtype)
         self.drop_2 = Dropout(cfg.dropout, 3 * index + 2, cfg.seq_len)
 
     def forward(self, x, key=None):
