@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 from minipar import autograd, ops, optim  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
-from minipar.nn import GPTConfig, Linear  # noqa: E402
+from minipar.layers import Linear  # noqa: E402
+from minipar.nn import GPTConfig  # noqa: E402
 
 TARGET_MFU = 0.45
 

@@ -43,7 +43,7 @@ import numpy as np
 from minipar import ops
 from minipar.autograd import Function
 from minipar.backend import array_module, like, scatter_add_rows, to_device, to_host
-from minipar.nn import Linear, Module, Parameter, _normal
+from minipar.layers import Linear, Module, Parameter, normal
 
 
 # ---- the Functions MoE needs: move rows, and one Linear per expert ----------------------------
@@ -154,22 +154,29 @@ class MoE(Module):
     """E expert MLPs (C -> 4C -> C) and a router; replaces a Block's MLP (see GPTConfig).
 
     Expert weights are stacked along axis 0, so expert parallelism cuts that axis:
-    w_fc (E, C, 4C)  b_fc (E, 4C)  w_proj (E, 4C, C)  b_proj (E, C)    router.weight (C, E)."""
+    w_fc (E, C, 4C)  b_fc (E, 4C)  w_proj (E, 4C, C)  b_proj (E, C)    router.weight (C, E).
+    `experts` are those four (all E of them serially); E is the router's output width."""
 
-    def __init__(self, cfg, rng, dtype):
+    def __init__(self, router, experts, top_k, aux_loss_coef, capacity_factor):
         super().__init__()
-        c, e = cfg.d_model, cfg.experts
-        self.n_experts, self.k = e, cfg.top_k
-        self.coef, self.capacity_factor = cfg.aux_loss_coef, cfg.capacity_factor
-        self.router = Linear(c, e, rng, dtype, bias=False)
-        self.w_fc = Parameter(_normal(rng, (e, c, 4 * c), 0.02, dtype))
-        self.b_fc = Parameter(np.zeros((e, 4 * c), dtype))
-        self.w_proj = Parameter(_normal(rng, (e, 4 * c, c), 0.02 / np.sqrt(2 * cfg.n_layer), dtype))
-        self.b_proj = Parameter(np.zeros((e, c), dtype))
+        self.n_experts, self.k = router.weight.shape[1], top_k
+        self.coef, self.capacity_factor = aux_loss_coef, capacity_factor
+        self.router = router
+        self.w_fc, self.b_fc, self.w_proj, self.b_proj = experts
         self.balance = None      # the Group whose tokens share routing statistics (None: serial)
         self.aux = None          # the aux loss Tensor of the last forward
         self.stats = None        # last forward: global tokens per expert, dropped slots, aux value
         self.log = []            # the stats of every training forward since the engine last read them
+
+    @classmethod
+    def from_config(cls, cfg, rng, dtype):
+        """A freshly initialised layer of E = cfg.experts experts (the serial Block's MLP)."""
+        c, e = cfg.d_model, cfg.experts
+        router = Linear(c, e, rng, dtype, bias=False)
+        w_fc = Parameter(normal(rng, (e, c, 4 * c), 0.02, dtype))
+        w_proj = Parameter(normal(rng, (e, 4 * c, c), 0.02 / np.sqrt(2 * cfg.n_layer), dtype))
+        experts = (w_fc, Parameter(np.zeros((e, 4 * c), dtype)), w_proj, Parameter(np.zeros((e, c), dtype)))
+        return cls(router, experts, cfg.top_k, cfg.aux_loss_coef, cfg.capacity_factor)
 
     def expert_parameters(self):
         return [self.w_fc, self.b_fc, self.w_proj, self.b_proj]

@@ -192,13 +192,13 @@ GRAD_STATS_CHUNK = 1 << 16      # elements cast to float64 at a time by grad_sta
 def grad_stats(params):
     """Local [sum of squared gradients, number of non-finite gradients], as float64.
 
-    Parameters whose `norm_owner` is False (a replica another rank also holds) are
+    Parameters whose `spec.norm_owner` is False (a replica another rank also holds) are
     left out, so summing these stats over ranks counts every serial parameter once.
     A float64 gradient is one dot product g.g; a lower-precision one is cast to float64
     a chunk at a time into one small buffer (no full-size float64 copy, no g*g array)."""
     total, bad, buf = 0.0, 0.0, None
     for p in params:
-        if p.grad is None or not getattr(p, "norm_owner", True):
+        if p.grad is None or not p.spec.norm_owner:
             continue
         g = p.grad.reshape(-1)                                        # (n,)
         xp = array_module(g)

@@ -23,7 +23,7 @@ def layer(experts=4, k=2, cf=None, coef=0.3, c=8, seed=0, scale=0.5):
     """One MoE layer with O(1) weights (0.02-scale ones would make every gate nearly equal)."""
     cfg = GPTConfig(vocab_size=8, seq_len=4, n_layer=1, n_head=2, d_model=c, experts=experts, top_k=k,
                     aux_loss_coef=coef, capacity_factor=cf)
-    moe = MoE(cfg, np.random.default_rng(seed), np.float64)
+    moe = MoE.from_config(cfg, np.random.default_rng(seed), np.float64)
     rng = np.random.default_rng(seed + 1)
     for p in moe.parameters():
         p.data[...] = rng.standard_normal(p.data.shape) * scale

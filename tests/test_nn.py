@@ -1,4 +1,4 @@
-"""Modules and the GPT (minipar/nn.py): a whole-model gradient check, parameter naming
+"""Modules and the GPT (minipar/layers.py, minipar/nn.py): a whole-model gradient check, parameter naming
 and ShardSpecs, state_dict save/load, config validation, forward hooks, dropout keys.
 Serial, float64 unless a test says otherwise."""
 import numpy as np
@@ -7,7 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 from minipar import ops
 from minipar.autograd import Tensor
-from minipar.nn import GPT, DropoutKey, GPTConfig, Linear, ShardSpec
+from minipar.dropout import Dropout, DropoutKey, Rows
+from minipar.layers import Linear, ShardSpec
+from minipar.nn import GPT, GPTConfig
 from strategies import check_gradients, gpt_configs, seeds, shapes, token_batch
 
 
@@ -86,6 +88,23 @@ def test_dropout_key_rows_depend_only_on_the_global_sample_index():
     assert (full != other_site).any() and (full != other_step).any()
     big = DropoutKey(seed=0, step=0, samples=np.arange(4)).keep(0, (50, 50), p=0.3)
     assert abs(big.mean() - 0.7) < 0.02
+
+
+def test_a_dropout_on_rows_of_the_stream_applies_those_rows_of_the_serial_mask():
+    """Rows: a sequence-parallel chunk, context-parallel positions, both; and a short T is a
+    prefix of the serial row (the first t rows of a draw of seq_len rows are a draw of t)."""
+    key, x = DropoutKey(3, 1, np.arange(2)), np.ones((2, 8, 3))                  # (B, T, C)
+    serial = Dropout(0.5, 7, 8)(Tensor(x), key).data                              # (2, 8, 3)
+    mask = DropoutKey(3, 1, np.arange(2)).keep(7, (8, 3), 0.5)
+    np.testing.assert_array_equal(serial, x * mask / 0.5)
+    short = Dropout(0.5, 7, 8)(Tensor(x[:, :5]), key).data                        # (2, 5, 3)
+    np.testing.assert_array_equal(short, x[:, :5] * DropoutKey(3, 1, np.arange(2)).keep(7, (5, 3), 0.5) / 0.5)
+    zigzag = np.array([0, 1, 6, 7])                                               # cp = 2, rank 0
+    for rows, mine in [(Rows(chunk=1, chunks=2), slice(4, 8)), (Rows(positions=zigzag), zigzag),
+                       (Rows(positions=zigzag, chunk=1, chunks=2), zigzag[2:])]:
+        drop = Dropout(0.5, 7, 8)
+        drop.rows = rows
+        np.testing.assert_array_equal(drop(Tensor(x[:, mine]), key).data, serial[:, mine])
 
 
 def test_dropout_is_off_in_eval_and_deterministic_per_key_in_training():

@@ -10,7 +10,8 @@ import pytest
 from minipar.backend import to_host
 from minipar.data import ReverseTask
 from minipar.engine import Engine, OptimConfig
-from minipar.nn import GPTConfig, Parameter
+from minipar.layers import Parameter
+from minipar.nn import GPTConfig
 from minipar.optim import SGD, AdamW, LossScaler, grad_stats, prepare_step
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
@@ -175,7 +176,7 @@ def test_grad_stats_count_each_serial_parameter_once():
     params = make_params(6)
     for q, g in zip(params, grads_for(0)):
         q.grad = g
-    params[0].norm_owner = False                                      # a replica another rank owns
+    params[0].spec.norm_owner = False                                      # a replica another rank owns
     expected = sum((g ** 2).sum() for g in grads_for(0)[1:])
     np.testing.assert_allclose(grad_stats(params), [expected, 0.0], rtol=1e-15)
 

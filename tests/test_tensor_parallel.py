@@ -331,7 +331,7 @@ def test_parameter_bytes_per_rank_are_split_over_t_plus_replicated(grid_of, devi
     agree(grid.world, split + replicated == GPT(cfg).num_params(), "the count misses parameters")
     agree(grid.world, held == (split // tp + replicated) * itemsize,
           f"rank holds {held} parameter bytes, expected ({split}/{tp} + {replicated}) * {itemsize}")
-    owners = sum(getattr(p, "norm_owner", True) * p.data.size for p in engine.params if p.spec.axis is None)
+    owners = sum(p.spec.norm_owner * p.data.size for p in engine.params if p.spec.axis is None)
     agree(grid.world, owners == (replicated if grid.tp_rank == 0 else 0), "norm_owner of replicas")
 
 

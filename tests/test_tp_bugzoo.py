@@ -91,14 +91,9 @@ def sp_grads_not_summed(monkeypatch):
 
 
 def replicas_counted_tp_times(monkeypatch):
-    """BUG: every rank claims its replicated parameters for the global gradient norm."""
-    build = tensor_parallel.TensorParallelGPT.__init__
-
-    def init(self, serial, group, sequence_parallel):
-        build(self, serial, group, sequence_parallel)
-        for p in self.parameters():
-            p.norm_owner = True
-    monkeypatch.setattr(tensor_parallel.TensorParallelGPT, "__init__", init)
+    """BUG: every rank claims its replicated parameters for the global gradient norm
+    (mark_replicas leaves spec.norm_owner True on every tp rank)."""
+    monkeypatch.setattr(tensor_parallel, "mark_replicas", lambda model, group: None)
 
 
 def scale_wte(step, local, serial):

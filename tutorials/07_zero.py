@@ -32,7 +32,8 @@ from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.lockstep import lockstep
 from minipar.memory import comm_elements_per_step, model_state_bytes_formula
-from minipar.nn import GPTConfig, Parameter
+from minipar.layers import Parameter
+from minipar.nn import GPTConfig
 from minipar.parallel.zero.partition import Partition
 
 world = Group.world(ledger=CommLedger())

@@ -8,7 +8,7 @@ on a rank's T/cp tokens; only three things need to know which tokens these are:
 * the input: `ContextShard.take` keeps this rank's columns of the (B, T) ids, and
   the position embedding looks up their serial positions (`positions_on`);
 * dropout: every mask is drawn for the full serial row and cut at these positions
-  (DropoutKey.seq; attention masks by query rows and key columns), as TP/SP do;
+  (the stream Dropouts' `rows`; attention masks by query rows), as TP/SP do;
 * the loss: the serial loss is the mean over ALL scored tokens of the micro-batch,
   sum_all / n_all. A rank sees sum_mine, so it reports cp * sum_mine / n_all
   (`ContextShard.loss`); averaging gradients over dp x cp (Megatron folds cp into the
@@ -22,9 +22,12 @@ projection are token-wise, only the core in between is ring attention or Ulysses
 
     x (B, T/cp, C) -> c_attn -> qkv (B, T/cp, 3C/tp) -> ring | Ulysses -> (B, T/cp, C/tp) -> c_proj
 """
+from dataclasses import replace
+
 import numpy as np
 
-from minipar import nn, ops
+from minipar import ops
+from minipar.layers import Module
 from minipar.backend import array_module, to_device
 from minipar.parallel.context.ring_attention import AttentionWork, ring_attention
 from minipar.parallel.context.split import ContextSplit, check_split
@@ -70,18 +73,19 @@ class ContextShard:
         return out
 
 
-class ContextParallelAttention(nn.Module):
+class ContextParallelAttention(Module):
     """A block's attention with its core replaced by ring attention or Ulysses.
 
     Keeps the attention module's c_attn / c_proj (tensor-parallel or not), its heads
-    (n_head local, n_head_total serial, head_slice) and its dropout site."""
+    (n_head local of n_head_total serial), its dropout site and its mask of those heads
+    (`heads_keep`: the serial module's (B, H, T, T), a tensor-parallel one's H/tp of them)."""
 
-    def __init__(self, attn, shard, algorithm):
+    def __init__(self, attn, shard, algorithm, n_head_total):
         super().__init__()
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown context-parallel algorithm {algorithm!r}: expected ring or ulysses")
         self.c_attn, self.c_proj = attn.c_attn, attn.c_proj
-        self.n_head, self.n_head_total, self.head_slice = attn.n_head, attn.n_head_total, attn.head_slice
+        self.n_head, self.n_head_total, self.heads_keep = attn.n_head, n_head_total, attn.keep
         self.p, self.site, self.shard, self.algorithm = attn.p, attn.site, shard, algorithm
         self.index = None
         if algorithm == "ulysses":
@@ -92,7 +96,7 @@ class ContextParallelAttention(nn.Module):
         qkv = self.c_attn(x)                                          # (B, T/cp, 3C/tp)
         shard, drop = self.shard, self.p and self.training
         T = shard.split.seq_len
-        full = key.keep(self.site, (self.n_head_total, T, T), self.p)[:, self.head_slice] if drop else None
+        full = self.heads_keep(key, T) if drop else None              # (B, H/tp, T, T)
         if self.algorithm == "ring":                                  # mask rows of my queries: (B, H/tp, T/cp, T)
             keep = None if full is None else full[:, :, shard.positions]
             y = ring_attention(qkv, self.n_head, shard.split, shard.group, keep, self.p, shard.work)
@@ -125,5 +129,7 @@ def shard_context_parallel(model, group, algorithm="ring", split="zigzag", xp=No
                          xp or np, count)
     model.seq_chunk = shard
     for block in model.blocks:
-        block.attn = ContextParallelAttention(block.attn, shard, algorithm)
+        block.attn = ContextParallelAttention(block.attn, shard, algorithm, model.cfg.n_head)
+    for drop in model.stream_dropouts():        # residual / embedding masks: cut at my positions
+        drop.rows = replace(drop.rows, positions=shard.positions)
     return model

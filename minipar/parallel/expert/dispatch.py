@@ -24,8 +24,8 @@ plus one all_to_all of the E int64 counts, (ep-1)/ep * 8E bytes ("all_to_all").
 import numpy as np
 
 from minipar.autograd import Function
+from minipar.layers import Parameter, ShardSpec
 from minipar.moe import Gather, MoE
-from minipar.nn import Module, Parameter, ShardSpec
 
 
 class AllToAll(Function):
@@ -44,6 +44,14 @@ class AllToAll(Function):
         return ctx.group.all_to_all_v(g, ctx.recv, ctx.send)      # (sum(send), C)
 
 
+def expert_shard(full, lo, hi, groups):
+    """Experts [lo, hi) of a serial stacked expert Parameter (E, ...) as a new Parameter
+    (E/ep, ...); replicated over tp, so only tp rank 0 counts it in the gradient norm."""
+    p = Parameter(full.data[lo:hi].copy(), name=full.name)              # (E/ep, ...) this rank's experts
+    p.spec = ShardSpec(full.name, full.data.shape, 0, lo, hi, norm_owner=groups.tp_rank == 0)
+    return p
+
+
 class ExpertParallelMoE(MoE):
     """This rank's share of a serial MoE layer: the router (replicated) and E/ep experts.
 
@@ -51,20 +59,11 @@ class ExpertParallelMoE(MoE):
     (ShardSpec axis 0), so parity compares them with spec.take(serial)."""
 
     def __init__(self, serial, groups):
-        Module.__init__(self)
-        self.n_experts, self.k = serial.n_experts, serial.k
-        self.coef, self.capacity_factor = serial.coef, serial.capacity_factor
-        self.router = serial.router
         lo, hi = groups.first, groups.first + groups.per_rank
-        for name, full in zip(("w_fc", "b_fc", "w_proj", "b_proj"), serial.expert_parameters()):
-            p = Parameter(full.data[lo:hi].copy())            # (E/ep, ...) this rank's experts
-            p.name, p.spec = full.name, ShardSpec(full.name, full.data.shape, 0, lo, hi)
-            p.norm_owner = groups.tp_rank == 0                # replicated over tp: counted once
-            setattr(self, name, p)
+        experts = [expert_shard(full, lo, hi, groups) for full in serial.expert_parameters()]
+        super().__init__(serial.router, experts, serial.k, serial.coef, serial.capacity_factor)
         self.balance = groups.balance                         # routing statistics over dp
         self.group, self.per_rank = groups.ep_group, groups.per_rank
-        self.aux = self.stats = None
-        self.log = []
         self.exchange = None                                  # (send, recv) row counts per ep rank, last forward
 
     def exchanged_rows(self):

@@ -79,13 +79,14 @@ class Pipeline:
         self.model, self.grid, self.seed, self.tracer = model, grid, seed, tracer
         self.pp, self.p, self.rank = grid.pp_group, grid.pp, grid.pp_rank
         self.v, self.schedule = layout.virtual_stages, layout.schedule
+        self.sequence_parallel = layout.sequence_parallel   # activations cut along T over tp
         self.n_stages = self.p * self.v
         schedules.make_schedule(self.schedule, self.p, layout.micro_batches, self.v)   # validate early
         self.stages = build_stages(model, self.p, self.v, self.rank)
         self.holds_last = self.stages[-1].is_last
         self.tied = is_tied(model) and self.p > 1 and (self.stages[0].is_first or self.holds_last)
         if self.tied and self.holds_last:
-            model.wte.weight.norm_owner = False   # the first stage's copy counts in the grad norm
+            model.wte.weight.spec.norm_owner = False   # the first stage's copy counts in the grad norm
         self.compute_dtype = model.precision.compute_dtype          # dtype of activations
         self.executed = []                        # this rank's actions of the last step, as run
         self._trace_mark = 0
@@ -101,7 +102,7 @@ class Pipeline:
 
     def activation_shape(self, b, seq_len):
         """(b, T, C) of one micro-batch's message; T/tp under sequence parallelism, T/cp under cp."""
-        tp = self.grid.tp if getattr(self.model, "sequence_parallel", False) else 1
+        tp = self.grid.tp if self.sequence_parallel else 1
         return (b, seq_len // (tp * self.grid.cp), self.model.cfg.d_model)   # (b, T/(cp tp), C) local
 
     # ---- one training step ---------------------------------------------------------------

@@ -24,10 +24,6 @@ after backward. Everything a rank does not hold is detached from the model, so
 its memory is really freed.
 """
 
-EMBED_MODULES = ("wte", "wpe")       # used by model.embed (virtual stage 0)
-HEAD_MODULES = ("ln_f", "lm_head")   # used by model.head (virtual stage S-1); wte too when tied
-
-
 def split_layers(n_layer, n_stages):
     """Block index ranges of the S virtual stages; earlier stages get the extra blocks.
         split_layers(10, 4) -> [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]"""
@@ -56,7 +52,7 @@ def stage_owner(stage, p):
 
 def is_tied(model):
     """Does the head reuse the token embedding (logits = x wte^T)?"""
-    return bool(getattr(model.cfg, "tied_embeddings", False))
+    return model.cfg.tied_embeddings
 
 
 class Stage:
@@ -110,13 +106,13 @@ def build_stages(model, p, v, rank):
     ranges = split_layers(len(model.blocks), n_stages)
     mine = [virtual_stage(rank, c, p) for c in range(v)]
     stages = [Stage(model, s, n_stages, [model.blocks[i] for i in ranges[s]]) for s in mine]
-    keep = set()
-    if stages[0].is_first:
-        keep.update(EMBED_MODULES)
-    if stages[-1].is_last:
-        keep.update(HEAD_MODULES + (("wte",) if is_tied(model) else ()))
-    for name in EMBED_MODULES + HEAD_MODULES:
-        if name not in keep and getattr(model, name, None) is not None:
-            setattr(model, name, None)                # drop the reference: its arrays are freed
+    # model.embed uses wte and wpe (virtual stage 0); model.head ln_f and lm_head, or wte when tied
+    first, last = stages[0].is_first, stages[-1].is_last
+    if not first:                                     # drop the references: their arrays are freed
+        model.wpe = None
+        if not (last and is_tied(model)):
+            model.wte = None
+    if not last:
+        model.ln_f = model.lm_head = None
     model.blocks = [block for stage in stages for block in stage.blocks]
     return stages

@@ -34,20 +34,27 @@ Per micro-batch outside the layers (the tests count these separately):
 Head split: the serial c_attn weight (C, H*3*D) is packed head-major, so whole
 heads are one contiguous block of columns; rank t runs heads H*t/tp .. H*(t+1)/tp.
 
-Dropout: every mask is drawn for the full serial row (nn.DropoutKey) and cut to
-what this rank holds: attention masks by its heads (attn.head_slice), residual
-and embedding masks along T under SP (key.seq), so the assembled masks are the
-serial ones.
+Composition, not subclassing: `shard_tensor_parallel` narrows the serial GPT in place.
+Each block's attention becomes a TensorParallelAttention holding the serial weights'
+slices; the MLP keeps its module with its two Linears swapped for column- and
+row-parallel ones; wte becomes a VocabParallelEmbedding (its lookup: vocab.py), and
+under SP the LayerNorms and wpe become their sequence-parallel modules (sequence.py).
+The GPT's `vocab` field makes its loss and argmax vocab-parallel.
+
+Dropout: every mask is drawn for the full serial row (minipar/dropout.py) and cut to
+what this rank holds: attention masks by its heads (TensorParallelAttention.head_slice),
+residual and embedding masks along T under SP (each stream Dropout's `rows`), so the
+assembled masks are the serial ones. A replicated parameter's gradient is counted in
+the global norm by tp rank 0 only (`spec.norm_owner`, mark_replicas).
 """
-from minipar import nn, ops
-from minipar.backend import array_module
+from dataclasses import replace
+
+from minipar import ops
 from minipar.autograd import Function
-from minipar.nn import GPT, Block, Parameter, ShardSpec
-from minipar.moe import MoE
+from minipar.layers import Module, Parameter, ShardSpec
 from minipar.parallel.tensor.sequence import (GatherLinear, ReduceScatterSeq, SequenceParallelLayerNorm,
-                                                add_bias, check_divisible, cut_key, positions)
-from minipar.parallel.tensor.vocab import (VocabParallelEmbedding, vocab_parallel_argmax,
-                                             vocab_parallel_cross_entropy, vocab_range)
+                                                SequenceParallelPositions, add_bias, check_divisible)
+from minipar.parallel.tensor.vocab import PartialLookup, VocabShard, vocab_range
 
 
 # ----------------------------------------------------------------------------- f and g
@@ -92,7 +99,7 @@ def leave_tp(x, group, sequence_parallel):
 
 
 # ----------------------------------------------------------------------------- layers
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(Module):
     """y_t = f(x) A_t + b_t: output features split over tp, A_t = A[:, t*C_out/tp : ...].
 
         A (C_in, C_out)                      y (B, T, C_out)
@@ -112,7 +119,7 @@ class ColumnParallelLinear(nn.Module):
         return column_linear(x, self.weight, self.bias, self.group, self.sequence_parallel)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Module):
     """y = g(sum_t x_t B_t) + b: input features split over tp, B_t = B[t*C_in/tp : ..., :].
 
         B (C_in, C_out)         x (B, T, C_in) split      y = sum_t x_t B_t  (g: all-reduce)
@@ -135,6 +142,64 @@ class RowParallelLinear(nn.Module):
         if self.bias is None:
             return y
         return add_bias(y, self.bias, self.group) if self.sequence_parallel else y + self.bias
+
+
+class TensorParallelAttention(Module):
+    """This rank's heads of a serial CausalSelfAttention: c_attn column-parallel by whole
+    heads, c_proj row-parallel; the attention core runs on H/tp heads with no communication.
+
+        c_attn (C, H*3D)  [ h0: q k v | h1: q k v | h2: q k v | h3: q k v ]    H = 4, tp = 2
+                          |-------- rank 0 -------|-------- rank 1 -------|
+        c_proj (C, C)     rows of h0, h1 -> rank 0;  rows of h2, h3 -> rank 1
+
+    Dropout masks are the serial (H, T, T) ones cut to this rank's heads, `head_slice`."""
+
+    def __init__(self, attn, group, sequence_parallel):
+        super().__init__()
+        H, t = attn.n_head, group.rank
+        h = H // group.size
+        self.c_attn = ColumnParallelLinear(shard_heads(attn.c_attn.weight, H, group),     # (C, 3C/tp)
+                                           shard_heads(attn.c_attn.bias, H, group), group, sequence_parallel)
+        self.c_proj = RowParallelLinear(shard(attn.c_proj.weight, 0, group),               # (C/tp, C)
+                                        attn.c_proj.bias, group, sequence_parallel)
+        self.n_head, self.n_head_total, self.head_slice = h, H, slice(t * h, (t + 1) * h)
+        self.p, self.site = attn.p, attn.site
+
+    def forward(self, x, key=None):
+        qkv = self.c_attn(x)                                   # (B, T, 3C/tp)
+        keep = self.keep(key, qkv.shape[1]) if self.p and self.training else None
+        y = ops.causal_attention(qkv, self.n_head, keep, self.p)   # (B, T, C/tp)
+        return self.c_proj(y)                                  # (B, T, C), or (B, T/tp, C) under SP
+
+    def keep(self, key, T):
+        """The serial mask rows (B, H, T, T) cut to this rank's heads: (B, H/tp, T, T)."""
+        return key.keep(self.site, (self.n_head_total, T, T), self.p)[:, self.head_slice]
+
+
+class VocabParallelEmbedding(Module):
+    """wte split along V: this rank holds rows [v0, v1), weight (V/tp, C).
+
+        serial wte (V, C)          rank t
+        [ rows 0   .. V/tp   ]  -> rank 0
+        [ rows V/tp.. 2V/tp  ]  -> rank 1      ids outside [v0, v1) -> 0;
+        [       ...          ]                 sum over tp = serial lookup
+    """
+
+    def __init__(self, weight, v0, group, sequence_parallel):
+        super().__init__()
+        self.weight, self.v0 = weight, v0
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, ids, dtype=None):
+        """ids (B, T) -> the serial lookup (B, T, C), or under SP this rank's (B, T/tp, C) of it."""
+        if self.sequence_parallel:
+            check_divisible(ids.shape[1], self.group.size)   # refused before any collective
+        part = PartialLookup.apply(ids, self.weight, v0=self.v0, dtype=dtype)   # (B, T, C) partial
+        return leave_tp(part, self.group, self.sequence_parallel)                # summed over tp
+
+    def attend(self, x):
+        """(B, T, V/tp) = x wte_t^T, entering the tp region as any column-parallel linear does."""
+        return column_linear(x, self.weight, None, self.group, self.sequence_parallel, transpose=True)
 
 
 # ----------------------------------------------------------------------------- slicing the serial model
@@ -169,112 +234,54 @@ def layer_norm(ln, group, sequence_parallel):
 
 
 def parallel_attention(attn, group, sequence_parallel):
-    """Heads split over tp: c_attn column-parallel by whole heads, c_proj row-parallel.
-
-        c_attn (C, H*3D)  [ h0: q k v | h1: q k v | h2: q k v | h3: q k v ]    H = 4, tp = 2
-                          |-------- rank 0 -------|-------- rank 1 -------|
-        c_proj (C, C)     rows of h0, h1 -> rank 0;  rows of h2, h3 -> rank 1
-    """
-    H, h, t = attn.n_head_total, attn.n_head_total // group.size, group.rank
-    attn.c_attn = ColumnParallelLinear(shard_heads(attn.c_attn.weight, H, group),       # (C, 3C/tp)
-                                       shard_heads(attn.c_attn.bias, H, group), group, sequence_parallel)
-    attn.c_proj = RowParallelLinear(shard(attn.c_proj.weight, 0, group),                 # (C/tp, C)
-                                    attn.c_proj.bias, group, sequence_parallel)
-    attn.n_head, attn.head_slice = h, slice(t * h, (t + 1) * h)   # dropout masks are cut by head too
-    return attn
+    """The tensor-parallel module that replaces a block's serial attention."""
+    return TensorParallelAttention(attn, group, sequence_parallel)
 
 
 def parallel_mlp(mlp, group, sequence_parallel):
-    """fc column-parallel (C, 4C/tp), proj row-parallel (4C/tp, C)."""
+    """The serial MLP with fc column-parallel (C, 4C/tp) and proj row-parallel (4C/tp, C)."""
     mlp.fc = ColumnParallelLinear(shard(mlp.fc.weight, 1, group), shard(mlp.fc.bias, 0, group),
                                   group, sequence_parallel)
     mlp.proj = RowParallelLinear(shard(mlp.proj.weight, 0, group), mlp.proj.bias, group, sequence_parallel)
     return mlp
 
 
-class TensorParallelBlock(Block):
-    """A Block whose attention and MLP are tensor-parallel; under SP, x is (B, T/tp, C) and
-    the dropout key is cut to this rank's T slice before Block.forward draws residual masks."""
-
-    def __init__(self, block, group, sequence_parallel):
-        nn.Module.__init__(self)
-        self.index, self.p, self.seq_len = block.index, block.p, block.seq_len
-        self.ln_1 = layer_norm(block.ln_1, group, sequence_parallel)
-        self.attn = parallel_attention(block.attn, group, sequence_parallel)
-        self.ln_2 = layer_norm(block.ln_2, group, sequence_parallel)
-        # an MoE layer stays whole on every tp rank (replicated; expert parallelism cuts it over dp)
-        self.mlp = block.mlp if isinstance(block.mlp, MoE) else parallel_mlp(block.mlp, group, sequence_parallel)
-        self.group, self.sequence_parallel = group, sequence_parallel
-
-    def forward(self, x, key=None):
-        if self.sequence_parallel:
-            key = cut_key(key, x.shape[1], self.group.rank)
-        return super().forward(x, key)
-
-
-class TensorParallelGPT(GPT):
-    """This rank's share of the GPT; the same interface (embed, blocks, head, criterion, ...).
-
-    logits are (B, T, V/tp): the loss and the argmax are vocab-parallel, never gathered."""
-
-    def __init__(self, serial, group, sequence_parallel):
-        nn.Module.__init__(self)
-        self.cfg, self.precision = serial.cfg, serial.precision
-        self.group, self.sequence_parallel = group, sequence_parallel
-        self.seq_chunk = serial.seq_chunk                  # context parallelism is applied after TP
-        self.v0 = vocab_range(self.cfg.vocab_size, group)[0]
-        self.wte = VocabParallelEmbedding(shard(serial.wte.weight, 0, group), self.v0)   # (V/tp, C)
-        self.wpe = serial.wpe                                                         # replicated
-        self.blocks = [TensorParallelBlock(b, group, sequence_parallel) for b in serial.blocks]
-        self.ln_f = layer_norm(serial.ln_f, group, sequence_parallel)
-        self.lm_head = None if serial.lm_head is None else ColumnParallelLinear(
-            shard(serial.lm_head.weight, 1, group), None, group, sequence_parallel)    # (C, V/tp)
-        for p in self.parameters():              # a replica's grad counts once in the global norm
-            if p.spec.axis is None:
-                p.norm_owner = group.rank == 0
-
-    def embed(self, idx, key=None):
-        idx, pos_ids = self.local_tokens(idx)              # (B, T), or (B, T/cp) under context parallelism
-        B, T = idx.shape
-        sp, group, p = self.sequence_parallel, self.group, self.cfg.dropout
-        if sp:
-            check_divisible(T, group.size)
-        compute = self.precision.compute_dtype
-        x = leave_tp(self.wte(idx, compute), group, sp)   # sum of partial lookups: (B, T, C) or (B, T/tp, C)
-        pos = positions(self.wpe.weight, T, group, compute, pos_ids) if sp else self.wpe(pos_ids, compute)
-        x = x + pos                                        # (B, T[/tp], C) + (T[/tp], C)
-        if p and self.training:
-            row = (T if key.seq is None else self.cfg.seq_len, x.shape[2])
-            keep = key.keep(0, row, p)                      # (B, T, C): the serial mask rows
-            cut = cut_key(key, x.shape[1], group.rank) if sp else key
-            if cut.seq is not None:
-                keep = keep[:, cut.seq]                     # (B, T/tp, C) under SP, T/cp under CP
-            x = ops.dropout(x, keep, p)
-        return x
-
-    def head(self, x):
-        x = self.ln_f(x)                                   # (B, T[/tp], C)
-        if self.lm_head is not None:
-            return self.lm_head(x)                         # column-parallel over V: (B, T, V/tp)
-        # (B, T, V/tp) = x wte_t^T, entering the tp region as any column-parallel linear does
-        return column_linear(x, self.wte.weight, None, self.group, self.sequence_parallel, transpose=True)
-
-    def token_loss(self, logits, targets):
-        return vocab_parallel_cross_entropy(logits, targets, self.group, self.v0)
-
-    def token_argmax(self, logits):
-        return vocab_parallel_argmax(logits.data, self.group, self.v0)
+def mark_replicas(model, group):
+    """A replicated parameter (LayerNorms, wpe, row-parallel biases, a whole MoE layer) is held
+    by every tp rank: its gradient counts once in the global norm, on tp rank 0."""
+    for p in model.parameters():
+        if p.spec.axis is None:
+            p.spec.norm_owner = group.rank == 0
 
 
 def shard_tensor_parallel(model, group, sequence_parallel=False):
-    """The local tensor-parallel model of the full serial `model` over `group` (tp ranks).
+    """Narrow the serial GPT `model` in place to this rank's tensor-parallel share over `group`
+    (tp ranks); the same interface (embed, blocks, head, criterion, ...), and logits
+    (B, T, V/tp) whose loss and argmax are vocab-parallel, never gathered.
 
     Split parameters become new Parameters holding a contiguous slice, with `name` the serial
-    name and `spec` the slice; replicated ones (LayerNorms, wpe, row-parallel biases) are kept,
-    with `norm_owner = False` on tp ranks > 0. Uneven splits are refused before any collective."""
-    cfg, tp = model.cfg, group.size
+    name and `spec` the slice; replicated ones are kept, with `spec.norm_owner = False` on tp
+    ranks > 0. Uneven splits are refused before any collective."""
+    cfg, tp, sp = model.cfg, group.size, sequence_parallel
     if cfg.n_head % tp:
         raise ValueError(f"tensor parallelism splits whole heads: n_head={cfg.n_head} is not divisible by tp={tp}")
     if cfg.vocab_size % tp:
         raise ValueError(f"vocab-parallel embedding: vocab_size={cfg.vocab_size} is not divisible by tp={tp}")
-    return TensorParallelGPT(model, group, sequence_parallel)
+    v0 = vocab_range(cfg.vocab_size, group)[0]
+    model.wte = VocabParallelEmbedding(shard(model.wte.weight, 0, group), v0, group, sp)   # (V/tp, C)
+    if sp:
+        model.wpe = SequenceParallelPositions(model.wpe, group)   # this rank's T/tp rows of wpe
+    for block in model.blocks:
+        block.ln_1, block.ln_2 = layer_norm(block.ln_1, group, sp), layer_norm(block.ln_2, group, sp)
+        block.attn = parallel_attention(block.attn, group, sp)
+        if not cfg.is_moe(block.index):  # an MoE layer stays whole on every tp rank (ep cuts it over dp)
+            block.mlp = parallel_mlp(block.mlp, group, sp)
+    model.ln_f = layer_norm(model.ln_f, group, sp)
+    if model.lm_head is not None:
+        model.lm_head = ColumnParallelLinear(shard(model.lm_head.weight, 1, group), None, group, sp)   # (C, V/tp)
+    model.vocab = VocabShard(group, v0)
+    if sp:                               # the residual stream holds chunk `rank` of tp along T
+        for drop in model.stream_dropouts():
+            drop.rows = replace(drop.rows, chunk=group.rank, chunks=tp)
+    mark_replicas(model, group)
+    return model

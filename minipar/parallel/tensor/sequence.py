@@ -35,11 +35,10 @@ Our arrays are batch-first (B, T, C) while Group's collectives cut axis 0, so T 
 moved to the front around each collective (Megatron stores activations
 sequence-first (T, B, C) for this reason).
 """
-from dataclasses import replace
-
-from minipar import nn, ops
+from minipar import ops
 from minipar.autograd import Function
 from minipar.backend import array_module
+from minipar.layers import Module
 
 
 def seq_slice(t_local, rank):
@@ -52,16 +51,6 @@ def check_divisible(T, tp):
     if T % tp:
         raise ValueError(f"sequence parallelism splits the sequence over tp={tp} ranks: "
                          f"T={T} is not divisible by {tp}")
-
-
-def cut_key(key, t_local, rank):
-    """The dropout key with `seq` set to this rank's T slice (masks are drawn per full serial
-    row and cut, so the assembled mask is the serial one); None stays None (eval). Under
-    context parallelism key.seq already holds the cp rank's positions: the slice cuts those."""
-    if key is None:
-        return None
-    rows = seq_slice(t_local, rank)
-    return replace(key, seq=rows if key.seq is None else key.seq[rows])
 
 
 def _gather_seq(x, group):
@@ -163,15 +152,15 @@ class SumWeightGrads(Function):
         return tuple(grads)
 
 
-class SequenceParallelLayerNorm(nn.LayerNorm):
+class SequenceParallelLayerNorm(Module):
     """LayerNorm on this rank's (B, T/tp, C) chunk; its w and b gradients are summed over tp.
 
-        weight (C,), bias (C,): replicated on every tp rank   [ w ] [ w ] ... [ w ]
+        weight (C,), bias (C,): the serial LayerNorm's, replicated   [ w ] [ w ] ... [ w ]
         input:  rank t holds rows T*t/tp .. T*(t+1)/tp of the sequence
     """
 
     def __init__(self, serial, group):
-        nn.Module.__init__(self)
+        super().__init__()
         self.weight, self.bias, self.group = serial.weight, serial.bias, group
 
     def forward(self, x):
@@ -179,13 +168,20 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
                                     group=self.group, weights=(1, 2))   # (B, T/tp, C)
 
 
-def positions(wpe, T, group, dtype, ids=None):
-    """wpe rows of this rank's T chunk, (T/tp, C); wpe's grad is summed over tp. `ids`: the
-    serial positions of the T tokens (context parallelism), default 0..T-1."""
-    rows = seq_slice(T // group.size, group.rank)
-    index = array_module(wpe.data).arange(rows.start, rows.stop) if ids is None else ids[rows]
-    return SumWeightGrads.apply(index, wpe, op=ops.Embedding,
-                                group=group, weights=(1,), dtype=dtype)   # (T/tp, C)
+class SequenceParallelPositions(Module):
+    """The position table wpe (replicated, the serial Embedding's weight) looked up for this
+    rank's T/tp chunk of the tokens only; its gradient is summed over tp."""
+
+    def __init__(self, serial, group):
+        super().__init__()
+        self.weight, self.group = serial.weight, group
+
+    def forward(self, ids, dtype=None):
+        """ids (T,): the serial positions of the tokens (0..T-1, or context parallelism's) ->
+        the wpe rows of this rank's chunk, (T/tp, C)."""
+        rows = seq_slice(ids.shape[0] // self.group.size, self.group.rank)
+        return SumWeightGrads.apply(ids[rows], self.weight, op=ops.Embedding,
+                                    group=self.group, weights=(1,), dtype=dtype)   # (T/tp, C)
 
 
 def add_bias(y, bias, group):

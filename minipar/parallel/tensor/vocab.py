@@ -13,8 +13,9 @@ of the logits; the full logits never exist on any rank:
     +-------------------+
 
 * embedding: rank t looks up the ids in [v0, v1) and writes 0 for the others; the
-  partial outputs summed over tp (by the caller: g, or reduce-scatter under SP) are
-  exactly the serial lookup, since one rank holds each id.
+  partial outputs summed over tp (g, or reduce-scatter along T under SP) are exactly
+  the serial lookup, since one rank holds each id. The tied head x wte^T is a
+  column-parallel matmul with wte_t^T: this rank's V/tp columns of the logits.
 * cross-entropy, stable form  -log p_y = log sum_j exp(z_j - m) - (z_y - m),
   with m = max_j z_j. Three things need the whole row, each an all-reduce over tp
   of one number per row: the global max m, sum_j exp(z_j - m) and z_y (held by one
@@ -22,8 +23,8 @@ of the logits; the full logits never exist on any rank:
 * argmax for greedy prediction: the global max by all-reduce, then the smallest
   column index attaining it (an all-reduce of -index with max).
 """
+from dataclasses import dataclass
 
-from minipar import nn
 from minipar.autograd import Function
 from minipar.backend import array_module, scatter_add_rows
 
@@ -52,23 +53,6 @@ class PartialLookup(Function):
         dw = array_module(g).zeros(ctx.inputs[1].data.shape, dtype=g.dtype)   # (V/tp, C)
         scatter_add_rows(dw, ctx.rows[ctx.mine], g[ctx.mine])       # (n_mine, C) rows into (V/tp, C)
         return None, dw
-
-
-class VocabParallelEmbedding(nn.Module):
-    """wte split along V: this rank holds rows [v0, v1), weight (V/tp, C).
-
-        serial wte (V, C)          rank t
-        [ rows 0   .. V/tp   ]  -> rank 0
-        [ rows V/tp.. 2V/tp  ]  -> rank 1      ids outside [v0, v1) -> 0;
-        [       ...          ]                 sum over tp = serial lookup
-    """
-
-    def __init__(self, weight, v0):
-        super().__init__()
-        self.weight, self.v0 = weight, v0
-
-    def forward(self, ids, dtype=None):
-        return PartialLookup.apply(ids, self.weight, v0=self.v0, dtype=dtype)   # (B, T, C) partial
 
 
 def global_max(z, group):
@@ -124,3 +108,16 @@ def vocab_parallel_argmax(logits, group, v0):
     first = xp.where(hit.any(axis=-1), hit.argmax(axis=-1) + v0, vocab)          # (B, T) global id
     # all-reduce (max) over tp of -id: the smallest id attaining the max, B*T elements
     return -group.all_reduce(-first.astype(xp.int64), op="max")
+
+
+@dataclass
+class VocabShard:
+    """The logits' split over V (the GPT's `vocab` field): this tp rank holds ids [v0, v0 + V/tp)."""
+    group: object
+    v0: int
+
+    def cross_entropy(self, logits, targets):
+        return vocab_parallel_cross_entropy(logits, targets, self.group, self.v0)
+
+    def argmax(self, logits):
+        return vocab_parallel_argmax(logits, self.group, self.v0)

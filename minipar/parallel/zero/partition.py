@@ -113,10 +113,10 @@ class Partition:
 
     def owner_mask(self, xp):
         """(S,) bool: True where my shard holds an entry of a parameter whose gradient norm this
-        rank counts (`p.norm_owner`, default True; False on replicas), False on padding."""
+        rank counts (`p.spec.norm_owner`, default True; False on replicas), False on padding."""
         pieces = []
         for u in self.units:
-            flags = [getattr(p, "norm_owner", True) for p in u.params]
+            flags = [p.spec.norm_owner for p in u.params]
             per_entry = np.zeros(u.padded, bool)
             per_entry[:u.numel] = np.repeat(flags, np.diff(u.offsets))   # (numel,) one flag per entry
             pieces.append(per_entry[u.own])
@@ -137,7 +137,7 @@ def unit_groups(params, stage, model=None, bucket_bytes=2 ** 20):
             run.append(p)
             size += p.data.nbytes
         return groups + [(f"bucket{len(groups)}", run)]
-    if not hasattr(model, "blocks"):
+    if model is None:
         raise ValueError("ZeRO-3 needs the model: its Blocks are the units it gathers and releases")
     blocks = [[p for p in b.parameters() if p.requires_grad] for b in model.blocks]
     in_block = {id(p) for block in blocks for p in block}
