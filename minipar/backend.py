@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy
 
+from minipar import strict
+
 
 def array_module(x):
     """numpy, cupy or minipar.strict: the module that owns array `x`."""
@@ -39,7 +41,6 @@ def device_module(device):
     if device == "cpu":
         return numpy
     if device == "strict":
-        from minipar import strict
         return strict
     if device == "gpu":
         try:

@@ -47,6 +47,8 @@ from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.memory import model_state_bytes_formula
 from minipar.nn import GPTConfig
+from minipar.parallel.pipeline.schedules import bubble_fraction, simulate
+from minipar.report import write_json
 
 DEVICE_BYTES = 80e9                 # scalability: devices of 80 GB (1 GB = 1e9 bytes, as in minipar.plan)
 DEVICE_COUNTS = (8, 64, 512)
@@ -132,7 +134,6 @@ def measure(name, layout, cfg, world, steps, batch, task):
     sent = ledger.since(mark).total_bytes()          # the last step's traffic
     bubble = None
     if engine.pipeline is not None:
-        from minipar.parallel.pipeline.schedules import bubble_fraction, simulate
         executed = engine.pipeline.gather_executed()       # every stage's actions of the last step (pp group)
         bubble = float(bubble_fraction(simulate(executed, lay.pp, lay.virtual_stages), lay.pp))
     row = np.array([engine.ledger.model_state_bytes("device"), engine.ledger.model_state_bytes("host"),
@@ -214,7 +215,6 @@ def main(argv=None):
         print(table(results))
         print("\nThe columns and their words:\n" + legend())
         if args.report:
-            from minipar.report import write_json
             write_json({"rows": [{**r, "layout": vars(r["layout"])} for r in results]}, args.report)
             print(f"report written to {args.report}")
         if args.png:

@@ -1,8 +1,10 @@
 """Differentiable tensor operations: each a Function with forward and backward side by side.
 
-Arithmetic, reductions, shapes, matmul, linear and embedding live here; the
-transformer-specific ops (attention, layer norm, GELU, dropout, cross-entropy)
-live in transformer_ops.py and are re-exported below.
+Slicing, concatenation, linear and embedding live here; the arithmetic that
+Tensor's operators record (add, mul, sum, reshape, matmul, ...) lives in
+tensor.py and the transformer-specific ops (attention, layer norm, GELU,
+dropout, cross-entropy) in transformer_ops.py; both are re-exported here, so
+ops.X is the one place to look.
 
 Conventions: B batch, T sequence, C model width, H heads, D head size (C = H*D),
 V vocabulary. Arrays are whatever `array_module` says (NumPy or CuPy). Weights
@@ -11,115 +13,14 @@ so a ZeRO-3 gather hook that re-materialised them is honoured. Low-precision
 weights (mixed policy) are cast to the activation dtype at use.
 """
 import itertools
-import math
 
-from minipar.autograd import Function
 from minipar.backend import array_module, like, scatter_add_rows
-
-
-def _unbroadcast(g, shape):
-    """Sum g down to `shape` (the backward of numpy broadcasting)."""
-    while g.ndim > len(shape):
-        g = g.sum(axis=0)
-    for axis, n in enumerate(shape):
-        if n == 1 and g.shape[axis] != 1:
-            g = g.sum(axis=axis, keepdims=True)
-    return g
-
-
-def _shape(x):
-    return getattr(x, "shape", ())
-
-
-def _weight(ctx, i, like):
-    """The current value of weight input i, in the dtype of `like`."""
-    return ctx.weight(i).astype(like.dtype, copy=False)
-
-
-# ---- elementwise arithmetic with broadcasting ------------------------------------------
-class Add(Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.shapes = (_shape(a), _shape(b))
-        return a + b
-
-    @staticmethod
-    def backward(ctx, g):
-        return _unbroadcast(g, ctx.shapes[0]), _unbroadcast(g, ctx.shapes[1])
-
-
-class Sub(Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.shapes = (_shape(a), _shape(b))
-        return a - b
-
-    @staticmethod
-    def backward(ctx, g):
-        return _unbroadcast(g, ctx.shapes[0]), _unbroadcast(-g, ctx.shapes[1])
-
-
-class Mul(Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return a * b
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved
-        return _unbroadcast(g * b, _shape(a)), _unbroadcast(g * a, _shape(b))
-
-
-class Div(Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return a / b
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved
-        return _unbroadcast(g / b, _shape(a)), _unbroadcast(-g * a / (b * b), _shape(b))
-
-
-# ---- reductions and shape ops --------------------------------------------------------------
-class Sum(Function):
-    @staticmethod
-    def forward(ctx, x, axis=None, keepdims=False):
-        ctx.shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
-        return x.sum(axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def backward(ctx, g):
-        xp = array_module(g)
-        if ctx.axis is not None and not ctx.keepdims:
-            g = xp.expand_dims(g, ctx.axis)
-        return xp.broadcast_to(g, ctx.shape).copy()
-
-
-class Reshape(Function):
-    @staticmethod
-    def forward(ctx, x, shape):
-        ctx.shape = x.shape
-        return x.reshape(shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.reshape(ctx.shape)
-
-
-class Transpose(Function):
-    @staticmethod
-    def forward(ctx, x, axes=None):
-        ctx.axes = axes
-        return x.transpose(axes)
-
-    @staticmethod
-    def backward(ctx, g):
-        # the inverse permutation, worked out on the host: axes are Python ints, not device data
-        inverse = None if ctx.axes is None else tuple(sorted(range(len(ctx.axes)), key=ctx.axes.__getitem__))
-        return g.transpose(inverse)
+from minipar.tensor import (  # noqa: F401  (re-exported: ops.X is the one place to look)
+    Add, Div, MatMul, Mul, Reshape, Sub, Sum, Transpose, add, div, matmul, mean, mul, reshape, sub,
+    sum, transpose)
+from minipar.tensor import Function
+from minipar.transformer_ops import (  # noqa: F401  (re-exported)
+    GELU, CausalAttention, CrossEntropy, Dropout, LayerNorm, Softmax)
 
 
 class Slice(Function):
@@ -150,22 +51,6 @@ class Concat(Function):
 
 
 # ---- linear algebra ------------------------------------------------------------------------
-class MatMul(Function):
-    """Batched a @ b over the last two axes; leading axes broadcast."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return a @ b
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved
-        ga = g @ b.swapaxes(-1, -2)
-        gb = a.swapaxes(-1, -2) @ g
-        return _unbroadcast(ga, a.shape), _unbroadcast(gb, b.shape)
-
-
 def affine(x2, w, b=None, transpose=False):
     """x2 W + b (or x2 W^T + b) for x2 (N, C_in), in x2's dtype: Linear's forward arithmetic."""
     wc = w.astype(x2.dtype, copy=False)
@@ -194,7 +79,7 @@ class Linear(Function):
     def backward(ctx, g):
         (x2,) = ctx.saved
         g2 = g.reshape(-1, g.shape[-1])                      # (B*T, C_out)
-        w = _weight(ctx, 1, g2)
+        w = ctx.weight(1, like=g2)
         dx = (g2 @ w if ctx.transpose else g2 @ w.T).reshape(ctx.x_shape)   # (B, T, C_in)
         w_leaf, b_leaf = ctx.inputs[1], ctx.inputs[2] if len(ctx.inputs) > 2 else None
         need_w, need_b = ctx.needs_grad[1], len(ctx.needs_grad) > 2 and ctx.needs_grad[2]
@@ -237,23 +122,8 @@ class Embedding(Function):
         return None, dw
 
 
-# ---- functional wrappers (the transformer ops live in transformer_ops.py) -------------------------
-from minipar.transformer_ops import (  # noqa: E402  (re-exported: ops.X is the one place to look)
-    GELU, CausalAttention, CrossEntropy, Dropout, LayerNorm, Softmax)
-
-add, sub, mul, div = Add.apply, Sub.apply, Mul.apply, Div.apply
-matmul, gelu, layer_norm = MatMul.apply, GELU.apply, LayerNorm.apply
-reshape, transpose, concat = Reshape.apply, Transpose.apply, Concat.apply
-
-
-def sum(x, axis=None, keepdims=False):   # noqa: A001 - mirrors numpy's name
-    return Sum.apply(x, axis=axis, keepdims=keepdims)
-
-
-def mean(x, axis=None, keepdims=False):
-    n = x.data.size if axis is None else math.prod(
-        x.shape[a] for a in ((axis,) if isinstance(axis, int) else axis))
-    return mul(sum(x, axis, keepdims), 1.0 / n)
+# ---- functional wrappers (the arithmetic's live in tensor.py) -----------------------------------
+gelu, layer_norm, concat = GELU.apply, LayerNorm.apply, Concat.apply
 
 
 def getitem(x, index):

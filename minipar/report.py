@@ -16,11 +16,12 @@ from dataclasses import asdict
 import numpy as np
 
 from minipar import parity as parity_mod
+from minipar.parallel.expert.stats import format_experts, summarize_experts
+from minipar.parallel.pipeline import trace
 
 
 def make_tracer(rank):
-    from minipar.parallel.pipeline.trace import Tracer
-    return Tracer(rank)
+    return trace.Tracer(rank)
 
 
 def header(cfg, layout, optim, task, grid, engine):
@@ -82,7 +83,6 @@ def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_time
         summary["parity"] = {"max_rel_err": worst, "ok": parity_failure is None, "tol": tol,
                              "metric": parity_mod.RUN_METRIC[cfg.precision], "failure": parity_failure}
     if tracer is not None and engine.pipeline is not None:
-        from minipar.parallel.pipeline import trace
         events = engine.pipeline.gather_step_events()          # collective over pp
         info = engine.pipeline.trace_summary(layout.micro_batches)
         summary["bubble"] = info["bubble"]
@@ -90,7 +90,6 @@ def summarize(args, cfg, layout, optim, engine, world, tracer, losses, step_time
                             "gantt": trace.ascii_gantt(events, layout.pp)}
         summary["_events"] = events
     if cfg.experts:                 # MoE routing statistics and all-to-all traffic (collective)
-        from minipar.parallel.expert.stats import summarize_experts
         summary["experts"] = summarize_experts(engine, world)
     return summary
 
@@ -127,7 +126,6 @@ def format_summary(s):
                    f"logical {b['logical']:.3f}, formula {b['formula']:.3f}")
         out.append(s["trace"]["gantt"])
     if s.get("experts"):
-        from minipar.parallel.expert.stats import format_experts
         out += format_experts(s["experts"], s["batch_size"] * s["config"]["seq_len"])
     if s["parity"] is not None:
         p = s["parity"]
@@ -170,7 +168,6 @@ def comm_table(comm):
 
 
 def save_trace_png(summary, path, labels=None):
-    from minipar.parallel.pipeline import trace
     return trace.save_png(summary["_events"], path, "pipeline schedule, last step", labels)
 
 
@@ -178,7 +175,6 @@ def save_trace(path, summary, world, grid, tracer, last_step):
     """--trace: `path` ending in .json -> the Chrome trace of the last step (every layout;
     collective over world); else the PNG Gantt of rank 0's pipeline (pp > 1, matplotlib).
     `last_step` = (index, start, end) on time.perf_counter. Returns the line to print."""
-    from minipar.parallel.pipeline import trace
     if path.endswith(".json"):
         timeline = trace.gather_timeline(world, grid, tracer, world.ledger, last_step)
         if world.rank == 0:

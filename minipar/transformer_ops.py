@@ -6,13 +6,8 @@ backward really needs. Shapes: B batch, T sequence, H heads, D head size, V voca
 """
 import math
 
-from minipar.autograd import Function
+from minipar.tensor import Function
 from minipar.backend import array_module
-
-
-def _weight(ctx, i, like):
-    """The current value of weight input i, in the dtype of `like`."""
-    return ctx.weight(i).astype(like.dtype, copy=False)
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -185,7 +180,7 @@ class LayerNorm(Function):
         c = g.shape[-1]
         g2, xhat2 = g.reshape(-1, c), xhat.reshape(-1, c)           # (N, C)
         ones = xp.ones(g2.shape[0], dtype=g.dtype)
-        dxhat = g * _weight(ctx, 1, g)
+        dxhat = g * ctx.weight(1, like=g)
         dw = ones @ (g2 * xhat2)                                     # column sums (C,)
         db = ones @ g2
         mean_dxhat = dxhat.mean(axis=-1, keepdims=True)

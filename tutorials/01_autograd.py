@@ -19,7 +19,7 @@
 # %%
 import numpy as np
 
-from minipar import autograd, ops
+from minipar import autograd, graph, ops
 from minipar.autograd import Function, Tensor
 
 rng = np.random.default_rng(0)
@@ -87,7 +87,7 @@ left = a * 2.0                     # Mul
 right = Tanh.apply(a)              # Tanh
 loss = (left * right).sum()        # Mul, then Sum
 
-order, leaf_uses = autograd._topological_order(loss._node)
+order, leaf_uses = graph.topological_order(loss._node)
 print("backward visits:", " -> ".join(node.fn.__name__ for node in order))
 print("edges reaching leaf a:", leaf_uses[id(a)])
 loss.backward()
@@ -100,7 +100,7 @@ print("a.grad =", a.grad, " by hand", branch_sum)
 #
 # Adding a bias of shape (C,) to activations of shape (B, C) copies the bias B
 # times. Each copy receives a gradient, so the bias gradient is their sum over
-# the broadcast axis. `ops._unbroadcast` sums a gradient down to an input's shape:
+# the broadcast axis. `tensor._unbroadcast` sums a gradient down to an input's shape:
 # leading axes that were added, and axes of size 1 that were stretched.
 
 # %%

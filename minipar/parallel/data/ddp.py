@@ -18,6 +18,7 @@ the last micro-batch (`sync=False` for the others).
 """
 import numpy as np
 
+from minipar.backend import array_module
 from minipar.contracts import GradientSync
 
 
@@ -39,7 +40,6 @@ class DataParallel(GradientSync):
 
     def __init__(self, params, group, bucket_bytes=2 ** 20, overlap=True):
         self.group, self.overlap, self.sync = group, overlap, True
-        from minipar.backend import array_module
         params = [p for p in params if p.requires_grad][::-1]     # reverse: backward order
         self.buckets, run, size = [], [], 0
         for p in params:
