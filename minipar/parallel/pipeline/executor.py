@@ -32,6 +32,7 @@ import numpy as np
 from minipar.autograd import Tensor, no_grad, track_saved
 from minipar.backend import array_module, to_device
 from minipar.comm.group import RING_TAG
+from minipar.layout import check_schedule, check_stages
 from minipar.memory import MemoryLedger
 from minipar.moe import AttachAux, WithAux, aux_of
 from minipar.parallel.pipeline import schedules
@@ -80,7 +81,8 @@ class Pipeline:
         self.pp, self.p, self.rank = grid.pp_group, grid.pp, grid.pp_rank
         self.v, self.schedule = layout.virtual_stages, layout.schedule
         self.n_stages = self.p * self.v
-        schedules.make_schedule(self.schedule, self.p, layout.micro_batches, self.v)   # validate early
+        check_schedule(self.schedule, self.p, layout.micro_batches, self.v)   # layout.py, before any collective
+        check_stages(len(model.blocks), self.p, self.v)
         self.stages = build_stages(model, self.p, self.v, self.rank)
         self.holds_last = self.stages[-1].is_last
         self.tied = is_tied(model) and self.p > 1 and (self.stages[0].is_first or self.holds_last)

@@ -42,6 +42,7 @@ serial ones.
 from minipar import nn, ops
 from minipar.backend import array_module
 from minipar.autograd import Function
+from minipar.layout import check_tensor_parallel
 from minipar.nn import GPT, Block, Parameter, ShardSpec
 from minipar.moe import MoE
 from minipar.parallel.tensor.sequence import (GatherLinear, ReduceScatterSeq, SequenceParallelLayerNorm,
@@ -272,9 +273,5 @@ def shard_tensor_parallel(model, group, sequence_parallel=False):
     Split parameters become new Parameters holding a contiguous slice, with `name` the serial
     name and `spec` the slice; replicated ones (LayerNorms, wpe, row-parallel biases) are kept,
     with `norm_owner = False` on tp ranks > 0. Uneven splits are refused before any collective."""
-    cfg, tp = model.cfg, group.size
-    if cfg.n_head % tp:
-        raise ValueError(f"tensor parallelism splits whole heads: n_head={cfg.n_head} is not divisible by tp={tp}")
-    if cfg.vocab_size % tp:
-        raise ValueError(f"vocab-parallel embedding: vocab_size={cfg.vocab_size} is not divisible by tp={tp}")
+    check_tensor_parallel(model.cfg, group.size, sequence_parallel)     # layout.py: heads, vocab, SP
     return TensorParallelGPT(model, group, sequence_parallel)
