@@ -10,10 +10,12 @@ Layout.micro_batches), and the message says why the rule exists.
 
     validate                 everything below, in this order (the train job and Engine call it)
     check_grid               dp x pp x cp x tp == the ranks             comm/grid.py's ProcessGrid
+    fill_data_parallel       dp = the ranks pp x tp x cp leave over     the train job's --dp default
     check_context_parallel   zigzag chunks, Ulysses heads, SP inside cp  parallel/context/
     check_tensor_parallel    whole heads, whole vocabulary rows, SP      parallel/tensor/megatron.py
     check_schedule           schedule, micro-batches, virtual stages     parallel/pipeline/schedules.py
     check_stages             a block for every pipeline stage            parallel/pipeline/stages.py
+    check_message_tags       a distinct tag for every pipeline message   parallel/pipeline/executor.py
     check_experts            ep divides dp and E; what MoE composes with parallel/expert/
     check_zero               stage 0..3; ZeRO-3 with dp only, no experts parallel/zero/, expert/sync.py
     check_batch              the global batch splits into dp x micro-batches  Engine.local_indices
@@ -22,6 +24,8 @@ The strategies call their piece directly (a one-line call), so a model sharded b
 is refused by the same rule, with the same words, as the train job's flags.
 """
 import numbers
+
+from minipar.comm.group import RING_TAG
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")   # parallel/pipeline/schedules.py
 CP_ALGORITHMS = ("ring", "ulysses")                      # parallel/context/ring_attention.py, ulysses.py
@@ -42,6 +46,7 @@ def validate(cfg, layout, world_size, global_batch=None):
     check_tensor_parallel(cfg, layout.tp, layout.sequence_parallel)
     check_schedule(layout.schedule, layout.pp, layout.micro_batches, layout.virtual_stages)
     check_stages(cfg.n_layer, layout.pp, layout.virtual_stages)
+    check_message_tags(layout.pp, layout.micro_batches, layout.virtual_stages)
     check_experts(cfg.experts, layout.ep, layout.dp, layout.sequence_parallel, layout.cp)
     check_zero(layout, cfg.experts if world_size > 1 else 0)   # one rank: no expert groups, nothing sharded
     if global_batch is not None:
@@ -152,6 +157,17 @@ def check_stages(n_layer, pp, virtual_stages=1):
         chunks = f" x --virtual-stages {virtual_stages}" if virtual_stages != 1 else ""
         raise LayoutError(f"--n-layer {n_layer} cannot fill {stages} pipeline stages (--pp {pp}{chunks}): "
                           f"every stage needs at least one block; use --n-layer >= {stages} or fewer stages")
+
+
+def check_message_tags(pp, micro_batches, virtual_stages=1):
+    """The pipeline tags micro-batch mb's message across boundary b in direction d with
+    2 * (mb * S + b) + d (executor.message_tag, S = pp * v stages): all of them must stay
+    below RING_TAG, the tag ring.py's collectives use, so m * S <= RING_TAG / 2."""
+    stages = pp * virtual_stages
+    if pp > 1 and 2 * micro_batches * stages > RING_TAG:
+        raise LayoutError(f"--micro-batches {micro_batches} x {stages} pipeline stages need more message tags "
+                          f"than the {RING_TAG} below ring.py's: use at most --micro-batches "
+                          f"{RING_TAG // (2 * stages)}")
 
 
 def check_experts(experts, ep, dp, sequence_parallel=False, cp=1):
