@@ -3,11 +3,12 @@
 
 The bench GPT (common.BENCH_GPT) trains on a fixed global batch of 8, so on N
 ranks each does 1/N of the compute and then all-reduces Phi gradients. Two ways
-to synchronise are timed (with N = 1 there is nothing to synchronise):
+to synchronise are timed, and ZeRO-1 (with N = 1 there is nothing to synchronise):
 
     bucketed+overlap   DDP as in parallel/data/ddp.py: 1 MiB buckets, each all-reduce
                        launched (MPI Iallreduce) as soon as its gradients are final
     one bucket, after  a single all-reduce of every gradient once backward is done
+    ZeRO-1             reduce-scatter after backward, AdamW on this rank's Phi/N, all-gather
 
 Besides the step time (the slowest rank's, median of several steps; the modes
 take turns step by step, so load from other processes hits them alike) the run
@@ -39,6 +40,7 @@ from minipar.parallel.data.ddp import DataParallel  # noqa: E402
 SYNC_MODES = {
     "bucketed+overlap": dict(bucket_bytes=2 ** 20, overlap=True),
     "one bucket, after": dict(bucket_bytes=2 ** 40, overlap=False),
+    "ZeRO-1": dict(zero=1),       # the optimizer step sharded: each rank updates Phi/N, then all-gathers
 }
 
 

@@ -21,9 +21,16 @@ from minipar import autograd
 from minipar.backend import array_module, device_module, to_device, to_host
 from minipar.contracts import LocalGrads
 from minipar.comm.ledger import CommLedger
+from minipar.layout import check_batch, validate
 from minipar.memory import MemoryLedger
 from minipar.nn import GPT
 from minipar.optim import SGD, AdamW, LossScaler, prepare_step
+from minipar.parallel.context.model import shard_context_parallel
+from minipar.parallel.expert.dispatch import shard_experts
+from minipar.parallel.expert.groups import ExpertGroups
+from minipar.parallel.expert.stats import drain, step_record
+from minipar.parallel.pipeline.executor import Pipeline
+from minipar.parallel.tensor.megatron import shard_tensor_parallel
 
 
 @dataclass
@@ -72,13 +79,6 @@ def make_optimizer(params, cfg, precision):
     raise ValueError(f"unknown optimizer {cfg.name!r}: expected adamw or sgd")
 
 
-def check_batch(global_batch, layout):
-    per_rank = layout.dp * layout.serial_of_dp * layout.micro_batches
-    if global_batch % per_rank:
-        raise ValueError(f"global batch {global_batch} does not split into dp={layout.dp} x "
-                         f"micro_batches={layout.micro_batches} equal micro-batches")
-
-
 class OnDevice:
     """A task whose batches arrive on the engine's device: the one explicit host -> device move of data."""
 
@@ -114,6 +114,7 @@ class Engine:
         lay = self.layout
         if grid is None and lay.world_size > 1:
             raise ValueError("a layout with more than one rank needs a ProcessGrid")
+        validate(cfg, lay, grid.world.size if grid is not None else 1)   # layout.py: every rule, no collective
         rank = grid.world.rank if grid is not None else 0
         self.ledger = MemoryLedger(rank)
         self.model = GPT(cfg, seed)              # the full serial model, built from the seed
@@ -129,23 +130,15 @@ class Engine:
         self.experts = self.expert_params = None   # MoE: expert groups over dp and the expert params
         self.expert_log = []                       # MoE: one routing record per step (parallel/expert/stats.py)
         if cfg.experts and grid is not None:
-            from minipar.parallel.expert.dispatch import shard_experts
-            from minipar.parallel.expert.groups import ExpertGroups
             self.experts = ExpertGroups(grid.dp_group, lay.ep, cfg.experts, grid.tp_rank)
             self.model, self.expert_params = shard_experts(self.model, self.experts)
-        elif lay.ep > 1:
-            raise ValueError(f"ep={lay.ep} needs a mixture of experts (experts > 0) and more than one rank")
         if lay.tp > 1:
-            from minipar.parallel.tensor.megatron import shard_tensor_parallel
             self.model = shard_tensor_parallel(self.model, grid.tp_group, lay.sequence_parallel)
         if lay.cp > 1:
-            from minipar.parallel.context.model import check_context_parallel, shard_context_parallel
-            check_context_parallel(cfg, lay.cp, lay.cp_algo, lay.cp_split, lay.tp, lay.sequence_parallel)
             self.model = shard_context_parallel(self.model, grid.cp_group, lay.cp_algo, lay.cp_split,
                                                 self.xp, self.ledger.transfers)
         self.pipeline = None
         if lay.pp > 1:
-            from minipar.parallel.pipeline.executor import Pipeline
             self.pipeline = Pipeline(self.model, grid, lay, seed=seed, tracer=tracer)
             self.params = self.pipeline.parameters()
         else:
@@ -200,7 +193,7 @@ class Engine:
     # ---- one step ---------------------------------------------------------------------
     def local_indices(self, global_batch):
         """The sample indices of this dp rank, cut into micro-batches."""
-        check_batch(global_batch, self.layout)
+        check_batch(global_batch, self.layout)   # layout.py: dp x micro-batches equal parts
         if self.layout.serial_of_dp > 1:         # the global micro-batches of a dp=N run, in rank order
             parts = np.arange(global_batch).reshape(self.layout.serial_of_dp, self.layout.micro_batches, -1)
             return [parts[:, j].reshape(-1) for j in range(self.layout.micro_batches)]   # (N, M, b) -> (N*b,)
@@ -236,7 +229,6 @@ class Engine:
         self.zero_grad()
         comm = self.grid.world.ledger if self.grid is not None else CommLedger()
         if self.cfg.experts:                     # MoE: forget routing logged outside training steps
-            from minipar.parallel.expert.stats import drain, step_record
             drain(self.model.blocks)
         mark = comm.snapshot()
         with autograd.track_saved(self.ledger):

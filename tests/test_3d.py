@@ -133,11 +133,11 @@ def test_any_factorisation_schedule_zero_and_sp_equals_serial(world, grid_of, de
 INVALID = [  # (id, grid, Layout extras, GPTConfig extras, words of the message)
     ("zero3-with-tp", (2, 1, 2), dict(zero=3), {}, "ZeRO-3"),
     ("zero3-with-pp", (2, 2, 1), dict(zero=3, micro_batches=2), {}, "ZeRO-3"),
-    ("fewer-layers-than-stages", (1, 4, 1), dict(micro_batches=4), dict(n_layer=2), "cannot cut"),
+    ("fewer-layers-than-stages", (1, 4, 1), dict(micro_batches=4), dict(n_layer=2), "--n-layer 2 cannot fill 4 pipeline stages"),
     ("interleaved-m-not-multiple-of-p", (1, 2, 1), dict(schedule="interleaved", virtual_stages=2,
-                                                      micro_batches=3), {}, "multiple of p"),
-    ("heads-not-divisible-by-tp", (1, 1, 4), {}, dict(n_head=2, d_model=16), "whole heads"),
-    ("vocab-not-divisible-by-tp", (1, 1, 4), {}, dict(vocab_size=18), "vocab"),
+                                                      micro_batches=3), {}, "multiple of --pp 2"),
+    ("heads-not-divisible-by-tp", (1, 1, 4), {}, dict(n_head=2, d_model=16), "--tp 4 does not divide --n-head 2"),
+    ("vocab-not-divisible-by-tp", (1, 1, 4), {}, dict(vocab_size=18), "--tp 4 does not divide the vocabulary of 18"),
 ]
 
 

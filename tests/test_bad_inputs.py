@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from minipar import checkpoint
+from minipar.args import UsageError, build_parser
 from minipar.comm.group import CommLedger, Group
 from minipar.parity import agree
-from minipar.train import main
+from minipar.train import configure, main
 
 pytestmark = pytest.mark.core      # the training job's checkpoints and input checks: a core part
 
@@ -45,7 +46,9 @@ BAD = [
         ("--max-norm", "nan"), ("--max-norm", "-1"), ("--max-norm", "inf"), ("--bucket-mb", "0"),
         ("--bucket-mb", "-1"), ("--bucket-mb", "nan"), ("--dropout", "1"), ("--dropout", "-0.1"),
         ("--dropout", "nan"), ("--precision", "fp8"), ("--schedule", "pipedream"), ("--zero", "4"),
-        ("--device", "tpu"), ("--optimizer", "lion"), ("--preset", "huge"), ("--collectives", "nccl")]],
+        ("--device", "tpu"), ("--optimizer", "lion"), ("--preset", "huge"), ("--collectives", "nccl"),
+        ("--cp", "0"), ("--ep", "0"), ("--capacity-factor", "0"), ("--capacity-factor", "nan"),
+        ("--capacity-factor", "inf")]],
     ("unknown-flag", ["--bogus"], 2),
     ("seq-len-0", ["--data", "{text}", "--seq-len", "0"], 2),
     # ---- rules between flags
@@ -180,6 +183,41 @@ def run_row(row, inputs, capsys, group):
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err
     return code, err.splitlines(), seconds
+
+
+# Each layout rule (minipar/layout.py) at a world size where it is the one that refuses: the
+# message names the flags. At one rank most of these rows stop at the world size instead.
+LAYOUT_RULES = [  # (id, world size, flags, words of the one line)
+    ("tp-vocab", 4, ["--tp", "4", "--n-head", "4", "--vocab", "18"], "--tp 4 does not divide the vocabulary of 18"),
+    ("tp-heads", 4, ["--tp", "4", "--n-head", "2"], "--tp 4 does not divide --n-head 2"),
+    ("sp-seq-len", 4, ["--tp", "4", "--n-head", "4", "--sequence-parallel", "--n-digits", "3"],
+     "--sequence-parallel cuts the sequence over --tp 4: seq_len=6"),
+    ("sp-inside-cp", 8, ["--cp", "2", "--tp", "4", "--n-head", "4", "--sequence-parallel", "--n-digits", "6"],
+     "--sequence-parallel with --cp 2 cuts each rank's seq_len/cp = 6 tokens over --tp 4"),
+    ("cp-zigzag", 4, ["--cp", "4", "--n-digits", "6"], "--cp 4 cuts the sequence into 2*cp = 8 zigzag chunks"),
+    ("world", 4, ["--dp", "2"], "--dp 2 x --pp 1 x --cp 1 x --tp 1 = 2 ranks does not match the 4 ranks"),
+    ("fill-dp", 4, ["--tp", "3"], "--pp 1 x --tp 3 x --cp 1 = 3 does not divide the 4 ranks"),
+    ("stages", 2, ["--pp", "2", "--schedule", "interleaved", "--virtual-stages", "3", "--n-layer", "4"],
+     "--n-layer 4 cannot fill 6 pipeline stages (--pp 2 x --virtual-stages 3)"),
+    ("interleaved-rounds", 2, ["--pp", "2", "--schedule", "interleaved", "--micro-batches", "3"],
+     "--micro-batches (3) to be a multiple of --pp 2"),
+    ("virtual-stages", 2, ["--pp", "2", "--virtual-stages", "2"], "--virtual-stages 2 needs --schedule interleaved"),
+    ("message-tags", 4, ["--pp", "2", "--dp", "2", "--micro-batches", "8001", "--batch-size", "16002"],
+     "--micro-batches 8001 x 2 pipeline stages need more message tags"),
+    ("zero3-pp", 4, ["--zero", "3", "--pp", "2", "--dp", "2"], "--zero 3 with --tp 1 --pp 2"),
+    ("zero3-experts", 2, ["--zero", "3", "--dp", "2", "--experts", "4"], "--zero 3 with --experts 4"),
+    ("ep-dp", 4, ["--experts", "4", "--ep", "4", "--dp", "2", "--tp", "2"], "--ep 4 does not divide --dp 2"),
+    ("experts-cp", 4, ["--experts", "4", "--cp", "2", "--dp", "2"], "--experts with --cp 2"),
+    ("batch", 4, ["--dp", "4", "--batch-size", "6"], "--batch-size 6 does not split into --dp 4 x --micro-batches 1"),
+]
+
+
+@pytest.mark.parametrize("rule", LAYOUT_RULES, ids=[r[0] for r in LAYOUT_RULES])
+def test_each_layout_rule_refuses_naming_its_flags(rule):
+    _, world_size, flags, words = rule
+    with pytest.raises(UsageError) as info:
+        configure(build_parser().parse_args(TINY + flags), world_size)
+    assert words in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("row", BAD, ids=IDS)

@@ -9,7 +9,8 @@ from minipar.data import ReverseTask, TextTask
 from minipar.engine import Engine
 from minipar.nn import GPTConfig
 from minipar.report import GROUPS, comm_table
-from minipar.train import build_parser, chance, sample
+from minipar.args import build_parser
+from minipar.train import chance, sample
 
 pytestmark = pytest.mark.core
 

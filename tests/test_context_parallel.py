@@ -17,12 +17,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minipar import memory, ops, parity
+from minipar.args import UsageError, build_parser
 from minipar.autograd import Tensor
 from minipar.engine import Layout
+from minipar.layout import check_context_parallel, check_split
 from minipar.lockstep import lockstep
 from minipar.parallel.context import online_softmax as osm
-from minipar.parallel.context.model import check_context_parallel
-from minipar.parallel.context.split import ContextSplit, check_split
+from minipar.parallel.context.split import ContextSplit
+from minipar.train import configure
 
 from helpers import CP_RUN, cp_config
 
@@ -53,28 +55,26 @@ def test_split_refuses_a_sequence_that_does_not_cut():
 
 
 def test_cp_rules_name_the_constraint():
-    with pytest.raises(ValueError, match="n_head=2 is not divisible by tp\\*cp"):
+    with pytest.raises(ValueError, match="--n-head 2 is not divisible by --tp 2 x --cp 2"):
         check_context_parallel(cp_config(n_head=2), 2, "ulysses", tp=2)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="--sequence-parallel with --cp 4 .* over --tp 8: not divisible"):
         check_context_parallel(cp_config(), 4, "ring", tp=8, sequence_parallel=True)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="--cp-algo 'stripes' is unknown"):
         check_context_parallel(cp_config(), 2, "stripes")
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--cp", "8", "--n-digits", "4"], "seq_len=8 is not divisible by 16"),       # zigzag: 2*cp chunks
-    (["--cp", "2", "--cp-algo", "ulysses", "--tp", "4", "--n-head", "4"], "tp*cp"),
-    (["--cp", "3"], "does not divide the 8 ranks"),
+    (["--cp", "8", "--n-digits", "4"], "--cp 8 cuts the sequence into 2*cp = 16 zigzag chunks: seq_len=8"),
+    (["--cp", "2", "--cp-algo", "ulysses", "--tp", "4", "--n-head", "4"], "--n-head 4 is not divisible by --tp 4 x --cp 2"),
+    (["--cp", "3"], "--pp 1 x --tp 1 x --cp 3 = 3 does not divide the 8 ranks"),
 ])
 def test_train_refuses_bad_cp_flags_in_one_line(flags, words):
-    from minipar import train
-    with pytest.raises(train.UsageError, match=words.replace("*", r"\*")):
-        train.configure(train.build_parser().parse_args(flags), 8)
+    with pytest.raises(UsageError, match=words.replace("*", r"\*")):
+        configure(build_parser().parse_args(flags), 8)
 
 
 def test_train_builds_the_cp_layout():
-    from minipar import train
-    _, layout, _, _ = train.configure(train.build_parser().parse_args(["--cp", "2", "--cp-algo", "ulysses"]), 8)
+    _, layout, _, _ = configure(build_parser().parse_args(["--cp", "2", "--cp-algo", "ulysses"]), 8)
     assert (layout.dp, layout.cp, layout.cp_algo, layout.world_size) == (4, 2, "ulysses", 8)
 
 

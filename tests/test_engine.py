@@ -87,7 +87,7 @@ def test_catches_the_loss_not_divided_across_micro_batches(device, monkeypatch):
 # ----------------------------------------------------------------------------- plumbing
 
 def test_engine_errors(device):
-    with pytest.raises(ValueError, match="does not split into dp=1 x micro_batches=4"):
+    with pytest.raises(ValueError, match="--batch-size 10 does not split into --dp 1 x --micro-batches 4"):
         Engine(tiny(), Layout(micro_batches=4), device=device).train_step(0, TASK, 10)
     with pytest.raises(ValueError, match="needs a ProcessGrid"):
         Engine(tiny(), Layout(dp=2), device=device)

@@ -123,9 +123,9 @@ def test_all_to_all_bytes_equal_the_formula_of_the_routing_counts(world, grid_of
 
 def test_invalid_expert_layouts_raise_before_any_collective(grid_of, device):
     grid = grid_of(2, 1, 1)
-    for cfg, lay, words in ((ep_config(experts=3), Layout(dp=2, ep=2), "not divisible"),
-                            (ep_config(experts=4), Layout(dp=2, ep=4), "must divide"),
-                            (ep_config(experts=0), Layout(dp=2, ep=2), "needs a mixture")):
+    for cfg, lay, words in ((ep_config(experts=3), Layout(dp=2, ep=2), "--ep 2 does not divide --experts 3"),
+                            (ep_config(experts=4), Layout(dp=2, ep=4), "--ep 4 does not divide --dp 2"),
+                            (ep_config(experts=0), Layout(dp=2, ep=2), "--ep 2 needs a mixture")):
         mark = grid.world.ledger.snapshot()
         try:
             Engine(cfg, lay, EP_OPTIM, EP_SEED, grid, device=device)

@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minipar.comm.group import Group
-from minipar.comm.grid import ProcessGrid, default_layout, grid_coords, grid_rank, validate_layout
+from minipar.comm.grid import ProcessGrid, default_layout, grid_coords, grid_rank
+from minipar.layout import check_grid
 from minipar.parity import agree
 
 
@@ -19,10 +20,10 @@ def factorizations(n):
 
 # ----------------------------------------------------------------------------- serial
 @pytest.mark.parametrize("layout, message", [
-    ((2, 2, 1), r"dp\*pp\*tp = 2\*2\*1 = 4 does not match the 1 ranks"),
-    ((0, 1, 1), r"dp=0 must be an integer >= 1"),
-    ((1, -1, 1), r"pp=-1 must be an integer >= 1"),
-    ((1, 1, 1.5), r"tp=1.5 must be an integer >= 1"),
+    ((2, 2, 1), r"--dp 2 x --pp 2 x --cp 1 x --tp 1 = 4 ranks does not match the 1 ranks"),
+    ((0, 1, 1), r"--dp 0 must be an integer >= 1"),
+    ((1, -1, 1), r"--pp -1 must be an integer >= 1"),
+    ((1, 1, 1.5), r"--tp 1.5 must be an integer >= 1"),
 ])
 def test_bad_layouts_raise_one_clear_line(layout, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -42,7 +43,7 @@ def test_default_layouts():
     assert [default_layout(n) for n in (1, 2, 4, 8, 16)] == [(1, 1, 1), (2, 1, 1), (2, 1, 2), (2, 2, 2), (4, 2, 2)]
     for n in range(1, 33):
         dp, pp, tp = default_layout(n)
-        validate_layout(n, dp, pp, tp)
+        check_grid(n, dp, pp, tp)
 
 
 def test_factorizations_of_8():

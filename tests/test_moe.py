@@ -5,15 +5,19 @@ Everything here runs on one process: it is the oracle the expert-parallel tests
 (test_expert_parallel.py) compare against, so it is checked against finite differences
 and against the formulas written in moe.py's docstring.
 """
+import json
 import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from minipar import plan
+from minipar.args import UsageError, build_parser
 from minipar.autograd import Tensor
 from minipar.moe import MoE, aux_of, moe_counts, top_k
 from minipar.nn import GPT, GPTConfig
+from minipar.train import configure, main
 from strategies import check_gradients, seeds, token_batch
 
 pytestmark = pytest.mark.ep
@@ -173,7 +177,6 @@ def test_counts_and_config_rules():
 
 def test_plan_counts_total_and_active_parameters(capsys):
     """plan's MoE counts: Mixtral-like 32 x 4096 with E = 8, k = 2 -> 3.67e10 total, 1.10e10 active."""
-    from minipar import plan
     phi = plan.gpt_param_count(32, 4096, 50304, 2048)
     total, active = plan.moe_param_counts(phi, 32, 4096, 8, 2)
     assert total - phi == 32 * (7 * 8 * 4096 ** 2 + 4096 * 8)
@@ -185,21 +188,19 @@ def test_plan_counts_total_and_active_parameters(capsys):
 
 
 def test_train_flags_validate_experts():
-    from minipar.train import UsageError, build_parser, configure
-    for world, flags, words in ((4, ["--experts", "6", "--ep", "4", "--dp", "4"], "not divisible"),
-                                (4, ["--experts", "8", "--ep", "3", "--dp", "4"], "must divide"),
-                                (2, ["--ep", "2", "--dp", "2"], "needs a mixture"),
-                                (1, ["--experts", "8", "--top-k", "9"], "top_k"),
-                                (2, ["--experts", "8", "--tp", "2", "--sequence-parallel"], "sequence"),
-                                (2, ["--experts", "8", "--zero", "3", "--dp", "2"], "ZeRO-3")):
+    for world, flags, words in ((4, ["--experts", "6", "--ep", "4", "--dp", "4"], "--ep 4 does not divide --experts 6"),
+                                (4, ["--experts", "8", "--ep", "3", "--dp", "4"], "--ep 3 does not divide --dp 4"),
+                                (2, ["--ep", "2", "--dp", "2"], "--ep 2 needs a mixture"),
+                                (1, ["--experts", "8", "--top-k", "9"], "--top-k 9 is more than --experts 8"),
+                                (2, ["--experts", "8", "--tp", "2", "--sequence-parallel"], "--sequence-parallel"),
+                                (4, ["--experts", "8", "--cp", "2", "--dp", "2"], "--experts with --cp 2"),
+                                (2, ["--experts", "8", "--zero", "3", "--dp", "2"], "--zero 3 with --experts 8")):
         with pytest.raises(UsageError, match=words):
             configure(build_parser().parse_args(flags), world)
 
 
 def test_train_reports_expert_statistics(tmp_path):
     """A serial MoE run's JSON report carries the routing statistics of every step."""
-    import json
-    from minipar.train import main
     path = tmp_path / "report.json"
     assert main(["--experts", "4", "--top-k", "2", "--moe-every", "2", "--n-layer", "2", "--d-model", "16",
                  "--steps", "2", "--batch-size", "4", "--n-digits", "3", "--eval-samples", "8",

@@ -113,7 +113,7 @@ def test_each_rank_keeps_only_its_modules(tied):
 
 def test_fewer_layers_than_virtual_stages_is_refused():
     grid = ProcessGrid(Group.single(), 1, 1, 1)
-    with pytest.raises(ValueError, match="cannot cut 2 transformer blocks into 3 pipeline stages"):
+    with pytest.raises(ValueError, match=r"--n-layer 2 cannot fill 3 pipeline stages \(--pp 1 x --virtual-stages 3\)"):
         Pipeline(GPT(config(2), SEED), grid, Layout(schedule="interleaved", virtual_stages=3), SEED)
 
 

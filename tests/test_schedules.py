@@ -5,7 +5,9 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minipar.parallel.pipeline.schedules import (COMPUTE_OPS, SCHEDULES, Action, Event, ascii_gantt,
+from minipar.layout import SCHEDULES
+from minipar.parallel.pipeline import schedules
+from minipar.parallel.pipeline.schedules import (COMPUTE_OPS, Action, Event, ascii_gantt,
                                         bubble_formula, bubble_fraction, gpipe, held_until_w_peak,
                                         in_flight_peak, interleaved, make_schedule, one_f_one_b,
                                         peer, simulate, zb_h1)
@@ -250,6 +252,5 @@ def test_action_str_and_gantt_layout():
 
 
 def test_module_docstring_chart_is_current():
-    from minipar.parallel.pipeline import schedules
     documented = [line.strip() for line in schedules.__doc__.splitlines() if " | " in line]
     assert documented == ascii_gantt(simulate(one_f_one_b(4, 8), 4), 4).splitlines()

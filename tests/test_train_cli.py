@@ -46,7 +46,7 @@ def test_bad_input_is_one_line_and_exit_2(args):
 @pytest.mark.parametrize("args", [
     ["--dp", "3"],                                              # product is not the world size
     ["--tp", "4", "--n-head", "2"],                             # heads not divisible by tp
-    ["--tp", "4", "--vocab", "18"],                             # vocab not divisible by tp
+    ["--tp", "4", "--n-head", "4", "--vocab", "18"],            # vocab not divisible by tp
     ["--pp", "4", "--n-layer", "2"],                            # fewer layers than stages
     ["--pp", "2", "--dp", "2", "--schedule", "interleaved", "--micro-batches", "3"],
     ["--dp", "4", "--batch-size", "6"],                         # batch does not split

@@ -6,7 +6,3 @@
     grid.py    the (dp, pp, tp, cp) process grid and its sub-groups
     ledger.py  what every call moved: op, group, dtype, elements, ring bytes per rank
 """
-from minipar.comm.grid import ProcessGrid, default_layout
-from minipar.comm.group import CommLedger, Group, Request
-
-__all__ = ["CommLedger", "Group", "Request", "ProcessGrid", "default_layout"]

@@ -40,18 +40,7 @@ All sub-groups are made once, here, with Split, and passed explicitly to the
 code that needs them; there is no global grid.
 """
 from minipar.comm.group import Group
-
-
-def validate_layout(size, dp, pp, tp, cp=1):
-    """Raise ValueError (one line, the same on every rank) unless dp*pp*cp*tp == size, all >= 1."""
-    for axis, value in (("dp", dp), ("pp", pp), ("tp", tp), ("cp", cp)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"process grid: {axis}={value!r} must be an integer >= 1")
-    if dp * pp * cp * tp != size:
-        what = "dp*pp*tp" if cp == 1 else "dp*pp*cp*tp"
-        sizes = f"{dp}*{pp}*{tp}" if cp == 1 else f"{dp}*{pp}*{cp}*{tp}"
-        raise ValueError(f"process grid: {what} = {sizes} = {dp * pp * cp * tp} "
-                         f"does not match the {size} ranks")
+from minipar.layout import check_grid
 
 
 def grid_rank(d, p, t, pp, tp, c=0, cp=1):
@@ -90,7 +79,7 @@ class ProcessGrid:
     mp_group (pp x tp: one model replica for one sequence chunk), embed_group (also `embed`)."""
 
     def __init__(self, world, dp, pp, tp, cp=1):
-        validate_layout(world.size, dp, pp, tp, cp)  # before any collective: every rank raises alike
+        check_grid(world.size, dp, pp, tp, cp)   # layout.py, before any collective: every rank raises alike
         self.world, self.dp, self.pp, self.tp, self.cp = world, dp, pp, tp, cp
         self.dp_rank, self.pp_rank, self.cp_rank, self.tp_rank = grid_coords_cp(world.rank, pp, cp, tp)
         d, p, c, t = self.dp_rank, self.pp_rank, self.cp_rank, self.tp_rank

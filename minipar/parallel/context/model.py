@@ -29,11 +29,10 @@ import numpy as np
 from minipar import ops
 from minipar.layers import Module
 from minipar.backend import array_module, to_device
+from minipar.layout import check_cp_algorithm, check_heads
 from minipar.parallel.context.ring_attention import AttentionWork, ring_attention
-from minipar.parallel.context.split import ContextSplit, check_split
-from minipar.parallel.context.ulysses import UlyssesIndex, check_heads, heads_to_seq, seq_to_heads
-
-ALGORITHMS = ("ring", "ulysses")
+from minipar.parallel.context.split import ContextSplit
+from minipar.parallel.context.ulysses import UlyssesIndex, heads_to_seq, seq_to_heads
 
 
 class ContextShard:
@@ -82,8 +81,7 @@ class ContextParallelAttention(Module):
 
     def __init__(self, attn, shard, algorithm, n_head_total):
         super().__init__()
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown context-parallel algorithm {algorithm!r}: expected ring or ulysses")
+        check_cp_algorithm(algorithm)                                 # layout.py: ring | ulysses
         self.c_attn, self.c_proj = attn.c_attn, attn.c_proj
         self.n_head, self.n_head_total, self.heads_keep = attn.n_head, n_head_total, attn.keep
         self.p, self.site, self.shard, self.algorithm = attn.p, attn.site, shard, algorithm
@@ -108,18 +106,6 @@ class ContextParallelAttention(Module):
             B, D = qkv.shape[0], qkv.shape[2] // (3 * self.n_head)
             shard.work.record("forward", "full", 4 * B * g * T * T * D)   # serial core: the whole T x T
         return self.c_proj(y)                                         # (B, T/cp, C)
-
-
-def check_context_parallel(cfg, cp, algorithm="ring", split="zigzag", tp=1, sequence_parallel=False):
-    """Every cp rule, before any collective: one-line ValueErrors."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown context-parallel algorithm {algorithm!r}: expected ring or ulysses")
-    check_split(cfg.seq_len, cp, split)
-    if algorithm == "ulysses":
-        check_heads(cfg.n_head, tp, cp)
-    if sequence_parallel and (cfg.seq_len // cp) % tp:
-        raise ValueError(f"sequence parallelism with context parallelism cuts each rank's "
-                         f"seq_len/cp = {cfg.seq_len // cp} tokens over tp={tp}: not divisible")
 
 
 def shard_context_parallel(model, group, algorithm="ring", split="zigzag", xp=None, count=None):

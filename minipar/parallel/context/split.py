@@ -29,19 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPLITS = ("zigzag", "contiguous")
+from minipar.layout import check_split
+
 SKIP, DIAGONAL, FULL = "skip", "diagonal", "full"
-
-
-def check_split(seq_len, cp, kind="zigzag"):
-    """Refuse a sequence that does not cut into the split's equal chunks (one line)."""
-    if kind not in SPLITS:
-        raise ValueError(f"unknown context-parallel split {kind!r}: expected zigzag or contiguous")
-    n = 2 * cp if kind == "zigzag" else cp
-    if seq_len % n:
-        why = "2*cp chunks (rank i holds chunks i and 2cp-1-i)" if kind == "zigzag" else "cp chunks"
-        raise ValueError(f"context parallelism ({kind}) cuts the sequence into {why}: "
-                         f"seq_len={seq_len} is not divisible by {n}")
 
 
 def pair_kind(query_chunk, key_chunk):
@@ -60,7 +50,7 @@ class ContextSplit:
     kind: str = "zigzag"         # zigzag | contiguous
 
     def __post_init__(self):
-        check_split(self.seq_len, self.cp, self.kind)
+        check_split(self.seq_len, self.cp, self.kind)     # layout.py: equal chunks, a known kind
 
     @property
     def n_chunks(self):

@@ -85,13 +85,6 @@ class UlyssesIndex:
         self.inverse = to_device(np.argsort(order), xp, count)
 
 
-def check_heads(n_head, tp, cp):
-    """Ulysses gives each cp rank whole heads of this tp rank's H/tp."""
-    if n_head % (tp * cp):
-        raise ValueError(f"Ulysses splits the heads over cp: n_head={n_head} is not divisible by "
-                         f"tp*cp = {tp}*{cp} = {tp * cp} (use --cp-algo ring, or fewer cp ranks)")
-
-
 def seq_to_heads(x, group, index):
     return SeqToHeads.apply(x, group=group, order=index.order, inverse=index.inverse)
 

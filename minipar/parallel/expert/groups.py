@@ -14,18 +14,7 @@ Dense parameters are averaged over dp, expert parameters over edp (their gradien
 from the tokens of the whole ep group, see sync.py). Routing statistics (aux loss, capacity)
 are over the whole dp group: the serial run's batch is every dp rank's batch.
 """
-
-
-def validate_expert_layout(experts, ep, dp):
-    """Raise ValueError (one line, the same on every rank) unless ep divides dp and E."""
-    if not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"expert parallelism: ep={ep!r} must be an integer >= 1")
-    if ep > 1 and not experts:
-        raise ValueError(f"ep={ep} needs a mixture of experts (experts > 0)")
-    if dp % ep:
-        raise ValueError(f"expert parallelism: ep={ep} must divide dp={dp} (ep groups are carved out of dp)")
-    if experts and experts % ep:
-        raise ValueError(f"expert parallelism: experts={experts} is not divisible by ep={ep}")
+from minipar.layout import check_experts
 
 
 class ExpertGroups:
@@ -33,7 +22,7 @@ class ExpertGroups:
     and the experts it holds: [first, first + per_rank)."""
 
     def __init__(self, dp_group, ep, experts, tp_rank=0):
-        validate_expert_layout(experts, ep, dp_group.size)
+        check_experts(experts, ep, dp_group.size)      # layout.py: ep divides dp and E, before any Split
         d = dp_group.rank
         self.ep, self.balance, self.tp_rank = ep, dp_group, tp_rank
         # two Splits, collective over the dp group: the group's rank is the coordinate that varies

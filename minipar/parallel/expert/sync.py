@@ -20,6 +20,7 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 
 from minipar.contracts import GradientSync, ModelOptimizer
+from minipar.layout import check_zero
 from minipar.optim import grad_stats
 from minipar.parallel.data.ddp import DataParallel
 from minipar.parallel.zero.stages import ZeroOptimizer
@@ -99,9 +100,7 @@ class ExpertZero(GradientSync, ModelOptimizer):
     shards_gradients = True
 
     def __init__(self, params, experts, groups, layout, optim_cfg, precision, ledger, model=None):
-        if layout.zero == 3:
-            raise ValueError("ZeRO-3 with a mixture of experts is not supported (its units, the Blocks, "
-                             "hold dense and expert parameters); use --zero 1 or 2")
+        check_zero(layout, experts=groups.ep * groups.per_rank)     # layout.py: no ZeRO-3 with experts
         dense, expert = split_params(params, experts)
         self.ep = groups.ep
         self.dense = ZeroOptimizer(dense, groups.balance, layout, optim_cfg, precision, ledger, model)

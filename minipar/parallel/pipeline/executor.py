@@ -31,7 +31,7 @@ import numpy as np
 
 from minipar.autograd import Tensor, no_grad, track_saved
 from minipar.backend import array_module, to_device
-from minipar.comm.group import RING_TAG
+from minipar.layout import check_message_tags, check_schedule, check_stages
 from minipar.memory import MemoryLedger
 from minipar.moe import AttachAux, WithAux, aux_of
 from minipar.parallel.pipeline import schedules
@@ -81,7 +81,8 @@ class Pipeline:
         self.v, self.schedule = layout.virtual_stages, layout.schedule
         self.sequence_parallel = layout.sequence_parallel   # activations cut along T over tp
         self.n_stages = self.p * self.v
-        schedules.make_schedule(self.schedule, self.p, layout.micro_batches, self.v)   # validate early
+        check_schedule(self.schedule, self.p, layout.micro_batches, self.v)   # layout.py, before any collective
+        check_stages(len(model.blocks), self.p, self.v)
         self.stages = build_stages(model, self.p, self.v, self.rank)
         self.holds_last = self.stages[-1].is_last
         self.tied = is_tied(model) and self.p > 1 and (self.stages[0].is_first or self.holds_last)
@@ -110,9 +111,7 @@ class Pipeline:
         """Run this rank's schedule over the micro-batches; gradients accumulate in the
         parameters. Returns the mean loss over micro-batches on the last stage, else 0.0."""
         m = len(micro_indices)
-        if message_tag(m - 1, self.n_stages - 1, BACKWARD, self.n_stages) >= RING_TAG:
-            raise ValueError(f"m={m} micro-batches x {self.n_stages} stages need more message "
-                             f"tags than the {RING_TAG} available")
+        check_message_tags(self.p, m, self.v)     # layout.py: every message_tag below RING_TAG
         plan = schedules.make_schedule(self.schedule, self.p, m, self.v)[self.rank]
         run = StepState(step, task, list(micro_indices), loss_scale,
                         split_weight_grads=any(a.op == "W" for a in plan))

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
+from minipar.layout import check_schedule   # the rules on (name, p, m, v), with the flags named
+
 COMPUTE_OPS = ("F", "B", "W")
 COMM_OPS = ("RECV_F", "SEND_F", "RECV_B", "SEND_B")
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,6 @@ def peer(action: Action, rank: int, p: int) -> tuple[int, int]:
     return other % p, other // p
 
 
-def _check(p: int, m: int, v: int = 1, name: str = "1f1b") -> None:
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
-    for arg, value in (("p", p), ("m", m), ("v", v)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-    if name != "interleaved" and v != 1:
-        raise ValueError(f"schedule {name!r} has one chunk per rank (v=1); got v={v}, use 'interleaved'")
-    if name == "interleaved" and m % p != 0:
-        raise ValueError(f"interleaved needs the micro-batch count m={m} to be a multiple of p={p}")
-
-
 def _with_comm(orders: list[list[tuple[str, int, int]]], p: int, v: int) -> list[list[Action]]:
     """Expand per-rank compute orders [(op, mb, chunk)] with the messages around each action."""
     last = p * v - 1
@@ -107,7 +96,7 @@ def _with_comm(orders: list[list[tuple[str, int, int]]], p: int, v: int) -> list
 def gpipe(p: int, m: int) -> list[list[Action]]:
     """GPipe (Huang et al. 2019): every rank runs all m forwards, then all m backwards.
     Bubble (p-1)/(m+p-1); every rank holds all m micro-batches' activations at the peak."""
-    _check(p, m)
+    check_schedule("gpipe", p, m)
     order = [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
     return _with_comm([list(order) for _ in range(p)], p, 1)
 
@@ -115,7 +104,7 @@ def gpipe(p: int, m: int) -> list[list[Action]]:
 def one_f_one_b(p: int, m: int) -> list[list[Action]]:
     """1F1B / PipeDream-Flush (Narayanan et al. 2019): same bubble (p-1)/(m+p-1) as GPipe,
     but rank r keeps at most min(p - r, m) micro-batches in flight instead of m."""
-    _check(p, m)
+    check_schedule("1f1b", p, m)
     orders = []
     for r in range(p):
         warmup = min(p - r - 1, m)
@@ -141,7 +130,7 @@ def interleaved(p: int, m: int, v: int) -> list[list[Action]]:
     free communication the smaller warmup reaches the same makespan (simulate checks it)
     with fewer activations in flight: min(vp - r, vm) chunks, about p - r/v stages' worth.
     """
-    _check(p, m, v, "interleaved")
+    check_schedule("interleaved", p, m, v)
     n = m * v                                   # forwards (and backwards) per rank
 
     def nth_forward(k: int) -> tuple[int, int]:  # -> (mb, chunk)
@@ -183,7 +172,7 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
     best any schedule with 1F1B's in-flight limit can do (the last rank must alternate F
     and B).
     """
-    _check(p, m)
+    check_schedule("zb-h1", p, m)
     orders = []
     for r in range(p):
         # Warmup: p-r forwards.
@@ -205,7 +194,7 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
 
 def make_schedule(name: str, p: int, m: int, v: int = 1) -> list[list[Action]]:
     """Dispatch on name: "gpipe" | "1f1b" | "interleaved" | "zb-h1"."""
-    _check(p, m, v, name)
+    check_schedule(name, p, m, v)
     if name == "interleaved":
         return interleaved(p, m, v)
     return {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zb_h1}[name](p, m)
@@ -274,7 +263,7 @@ def bubble_formula(name: str, p: int, m: int, v: int = 1, paper: bool = False) -
                     (2p-m-1)/(2m+2p-1) for m < p, where this schedule's makespan is
                     2m+2p-1 > 3m+p-1. paper=True returns the paper's form for every m.
     """
-    _check(p, m, v, name)
+    check_schedule(name, p, m, v)
     if name in ("gpipe", "1f1b"):
         return Fraction(p - 1, m + p - 1)
     if name == "interleaved":

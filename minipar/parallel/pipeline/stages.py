@@ -23,16 +23,12 @@ seed, so the copies start equal) and the pipeline sums the two copies' gradients
 after backward. Everything a rank does not hold is detached from the model, so
 its memory is really freed.
 """
+from minipar.layout import check_stages
 
 def split_layers(n_layer, n_stages):
     """Block index ranges of the S virtual stages; earlier stages get the extra blocks.
         split_layers(10, 4) -> [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]"""
-    if n_stages < 1:
-        raise ValueError(f"need at least one pipeline stage, got {n_stages}")
-    if n_layer < n_stages:
-        raise ValueError(f"cannot cut {n_layer} transformer blocks into {n_stages} pipeline stages "
-                         f"(p*v = {n_stages}): every stage needs at least one block; "
-                         f"use n_layer >= {n_stages} or fewer stages / chunks")
+    check_stages(n_layer, n_stages)              # layout.py: a block for every stage
     base, extra = divmod(n_layer, n_stages)
     sizes = [base + (s < extra) for s in range(n_stages)]
     starts = [sum(sizes[:s]) for s in range(n_stages)]

@@ -52,6 +52,7 @@ from dataclasses import replace
 from minipar import ops
 from minipar.autograd import Function
 from minipar.layers import Module, Parameter, ShardSpec
+from minipar.layout import check_tensor_parallel
 from minipar.parallel.tensor.sequence import (GatherLinear, ReduceScatterSeq, SequenceParallelLayerNorm,
                                                 SequenceParallelPositions, add_bias, check_divisible)
 from minipar.parallel.tensor.vocab import PartialLookup, VocabShard, vocab_range
@@ -263,10 +264,7 @@ def shard_tensor_parallel(model, group, sequence_parallel=False):
     name and `spec` the slice; replicated ones are kept, with `spec.norm_owner = False` on tp
     ranks > 0. Uneven splits are refused before any collective."""
     cfg, tp, sp = model.cfg, group.size, sequence_parallel
-    if cfg.n_head % tp:
-        raise ValueError(f"tensor parallelism splits whole heads: n_head={cfg.n_head} is not divisible by tp={tp}")
-    if cfg.vocab_size % tp:
-        raise ValueError(f"vocab-parallel embedding: vocab_size={cfg.vocab_size} is not divisible by tp={tp}")
+    check_tensor_parallel(cfg, tp, sp)     # layout.py: whole heads, whole vocabulary rows, SP's T
     v0 = vocab_range(cfg.vocab_size, group)[0]
     model.wte = VocabParallelEmbedding(shard(model.wte.weight, 0, group), v0, group, sp)   # (V/tp, C)
     if sp:
