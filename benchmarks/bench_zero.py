@@ -5,7 +5,7 @@ Every rank is a data-parallel rank (ProcessGrid(world, N, 1, 1)); the bench GPT
 (common.BENCH_GPT) trains on the global batch of 8 under five layouts:
 
     stage 0            plain DDP (parallel/data/ddp.py): all-reduce the gradients
-    stage 1, 2, 3      ZeroOptimizer (parallel/zero/stages.py): optimizer states, + gradients, + parameters sharded
+    stage 1, 2, 3      Zero1-3 (parallel/zero/stage*.py): optimizer states, + gradients, + parameters sharded
     stage 2 + offload  stage 2 with the optimizer state and step on the host (zero/shard_optimizer.py)
 
 and under two precisions: fp32, and mixed (fp16 parameters and gradients, fp32
@@ -53,7 +53,7 @@ LAYOUTS = {
 
 
 def padded_params(engine):
-    """Φ_pad: ZeroOptimizer pads each flat unit to a multiple of N; plain DDP has no padding."""
+    """Φ_pad: a ZeRO stage pads each flat unit to a multiple of N; plain DDP has no padding."""
     return getattr(engine.optimizer, "numel_padded", engine.n_params)
 
 

@@ -60,7 +60,8 @@ DEVICE_COUNTS = (8, 64, 512)
 DP_FILES = ("parallel.data.ddp",)
 PP_FILES = ("parallel.pipeline.executor", "parallel.pipeline.schedules", "parallel.pipeline.stages")
 TP_FILES = ("parallel.tensor.megatron", "parallel.tensor.sequence", "parallel.tensor.vocab")
-ZERO_FILES = ("parallel.zero.stages", "parallel.zero.partition")
+ZERO_FILES = ("parallel.zero.stages", "parallel.zero.base", "parallel.zero.stage0", "parallel.zero.stage1",
+              "parallel.zero.stage2", "parallel.zero.stage3", "parallel.zero.partition")
 OFFLOAD_FILES = ZERO_FILES + ("parallel.zero.shard_optimizer",)
 CP_FILES = ("parallel.context.model", "parallel.context.ring_attention", "parallel.context.ulysses",
             "parallel.context.split", "parallel.context.online_softmax")

@@ -3,13 +3,13 @@
 engine.py calls nothing else on them: no hasattr checks, no attribute of a
 strategy set from outside. Every implementation defines every method.
 
-    GradientSync        LocalGrads (one replica), DataParallel (DDP buckets), ZeroOptimizer
+    GradientSync        LocalGrads (one replica), DataParallel (DDP buckets), Zero0-3
       zero_grad()                   before a step's first backward
       set_last_micro_batch(last)    before each micro-batch's backward: communicate now?
       finish()                      after the last backward: gradients are final
 
-    ModelOptimizer      AdamW, SGD (optim.py, whole local parameters), ZeroOptimizer (a dp shard;
-                        stages 1, 2, 3 and Offload)
+    ModelOptimizer      AdamW, SGD (optim.py, whole local parameters), Zero0-3 (a dp shard;
+                        parallel/zero/stage*.py, made by zero/stages.make_zero; and Offload)
       t                             the optimizer's step count (Adam's bias correction)
       shards_gradients              True: grad_stats covers this rank's dp shard only
       step(grad_scale)              one update with every gradient times grad_scale

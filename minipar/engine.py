@@ -98,7 +98,7 @@ class Engine:
       tp > 1         model = shard_tensor_parallel(model, grid.tp_group, sequence_parallel)
       cp > 1         model = shard_context_parallel(model, grid.cp_group, cp_algo, cp_split, ...)
       pp > 1         self.pipeline = Pipeline(model, grid, layout, ...) runs forward/backward
-      zero or offload  self.optimizer = self.sync = ZeroOptimizer(...), both contracts
+      zero or offload  self.optimizer = self.sync = make_zero(...) (a Zero0-3), both contracts
       else           self.sync = DataParallel(...) (dp > 1) or LocalGrads, and a plain optimizer
 
     `self.sync` is a contracts.GradientSync and `self.optimizer` a contracts.ModelOptimizer:
@@ -146,14 +146,14 @@ class Engine:
         for p in self.params:                    # built and cut on the host, now moved to the device once
             p.data = to_device(p.data, self.xp, self.ledger.transfers)
         if lay.zero or lay.offload:
-            from minipar.parallel.zero.stages import ZeroOptimizer
+            from minipar.parallel.zero.stages import make_zero
             if self.experts is not None:           # dense params sharded over dp, experts over edp
                 from minipar.parallel.expert.sync import ExpertZero
                 self.optimizer = self.sync = ExpertZero(self.params, self.expert_params, self.experts, lay,
                                                         self.optim_cfg, self.precision, self.ledger, self.model)
             else:
-                self.optimizer = self.sync = ZeroOptimizer(self.params, self.dp_group, lay,
-                                                           self.optim_cfg, self.precision, self.ledger, self.model)
+                self.optimizer = self.sync = make_zero(self.params, self.dp_group, lay,
+                                                       self.optim_cfg, self.precision, self.ledger, self.model)
         else:
             if self.experts is not None and self.dp_group.size > 1:
                 from minipar.parallel.expert.sync import ExpertDataParallel

@@ -21,7 +21,7 @@ from minipar.memory import (MemoryLedger, bytes_per_param, comm_elements_per_ste
 from minipar.layers import Parameter
 from minipar.nn import GPT
 from minipar.parallel.zero.partition import Partition, unit_groups
-from minipar.parallel.zero.stages import ZeroOptimizer
+from minipar.parallel.zero.stages import make_zero
 
 from helpers import TASK, alive_beyond_activations, zero_config, zero_engine, zero_run
 
@@ -80,13 +80,13 @@ def test_refusals_are_clear():
     model = GPT(zero_config())
     args = (OptimConfig(), model.precision, MemoryLedger(), model)
     with pytest.raises(ValueError, match="ZeRO-3 is supported with data parallelism only"):
-        ZeroOptimizer(model.parameters(), None, Layout(zero=3, tp=2), *args)
+        make_zero(model.parameters(), None, Layout(zero=3, tp=2), *args)
     with pytest.raises(ValueError, match="ZeRO-3 is supported with data parallelism only"):
-        ZeroOptimizer(model.parameters(), None, Layout(zero=3, pp=2), *args)
+        make_zero(model.parameters(), None, Layout(zero=3, pp=2), *args)
     with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"):
-        ZeroOptimizer(model.parameters(), None, Layout(zero=4), *args)
+        make_zero(model.parameters(), None, Layout(zero=4), *args)
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
-        ZeroOptimizer(model.parameters(), None, Layout(zero=1), OptimConfig(name="lion"), *args[1:])
+        make_zero(model.parameters(), None, Layout(zero=1), OptimConfig(name="lion"), *args[1:])
 
 
 def test_stage3_keeps_only_the_shard_between_steps(device):

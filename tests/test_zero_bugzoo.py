@@ -1,7 +1,8 @@
 """Bug zoo for ZeRO: each classic mistake, monkeypatched in, must fail a check.
 
 A parity check that cannot fail proves nothing. Each test plants one bug in
-zero/stages.py, partition.py and shard_optimizer.py, trains a few fp64 steps next to the serial
+zero/base.py, stage1.py, stage2.py, stage3.py, partition.py or shard_optimizer.py (each
+patch on the class that owns the code), trains a few fp64 steps next to the serial
 run and asserts that `parity.check` raises ParityError on every rank. The
 clipping-norm bugs leave every gradient right and are named by the gradient-norm row
 that the lockstep check (minipar/lockstep.py) makes after every step. The last bug computes the right numbers and wastes memory: the tracemalloc
@@ -14,8 +15,11 @@ from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.lockstep import lockstep
 from minipar.parallel.zero import partition as flat
+from minipar.parallel.zero.base import ZeroBase
 from minipar.parallel.zero.shard_optimizer import ShardOptimizer
-from minipar.parallel.zero.stages import Regather, ZeroOptimizer
+from minipar.parallel.zero.stage1 import Zero1
+from minipar.parallel.zero.stage2 import Zero2
+from minipar.parallel.zero.stage3 import Regather
 from minipar.parity import ParityError
 
 from helpers import TASK, alive_beyond_activations, zero_config, zero_engine, zero_run
@@ -46,25 +50,25 @@ def test_catches_gradients_summed_not_averaged(grid_of, device, monkeypatch, sta
     hardly changes, but m and v are N and N^2 times too large)."""
     def summed(self, buffer):
         return buffer if self.shard_group is None else self.shard_group.reduce_scatter(buffer, op="sum")
-    monkeypatch.setattr(ZeroOptimizer, "_reduce_scatter", summed)
+    monkeypatch.setattr(ZeroBase, "_reduce_scatter", summed)    # every stage's collective
     must_fail(grid_of(2), device, Layout(dp=2, zero=stage), "sum, not mean")
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_catches_parameters_not_gathered_after_the_step(grid_of, device, monkeypatch, stage):
     """Each rank updates its shard but never all-gathers: the rest of its copy goes stale."""
-    monkeypatch.setattr(ZeroOptimizer, "gather_params", lambda self: None)
+    monkeypatch.setattr(Zero1, "gather_params", lambda self: None)     # Zero2 inherits it
     must_fail(grid_of(2), device, Layout(dp=2, zero=stage), "no all-gather")
 
 
 def test_catches_adam_step_counter_advanced_per_bucket(grid_of, device, monkeypatch):
     """The step t of Adam's bias correction (1 - beta^t) counted once per bucket, not per step."""
-    step = ZeroOptimizer.step
+    step = Zero2.step
 
     def per_bucket(self, grad_scale=1.0):
         self.t += len(self.part.units) - 1
         step(self, grad_scale)
-    monkeypatch.setattr(ZeroOptimizer, "step", per_bucket)
+    monkeypatch.setattr(Zero2, "step", per_bucket)
     must_fail(grid_of(2), device, Layout(dp=2, zero=2, bucket_bytes=2000), "t per bucket")
 
 

@@ -12,8 +12,8 @@ all-reduce (avg) over edp, then a 1/ep scale (exact for powers of two). Averagin
 gradients over the full dp group instead would mix different experts (ep ranks hold
 different ones): a classic mistake, in the bug zoo.
 
-Under ZeRO each kind is sharded over its own group: ZeroOptimizer over dp for the dense
-parameters, ZeroOptimizer over edp for the expert ones (ExpertZero).
+Under ZeRO each kind is sharded over its own group: one ZeRO stage (zero/stages.py,
+make_zero) over dp for the dense parameters, another over edp for the expert ones (ExpertZero).
 """
 from contextlib import ExitStack, contextmanager
 
@@ -23,7 +23,7 @@ from minipar.contracts import GradientSync, ModelOptimizer
 from minipar.layout import check_zero
 from minipar.optim import grad_stats
 from minipar.parallel.data.ddp import DataParallel
-from minipar.parallel.zero.stages import ZeroOptimizer
+from minipar.parallel.zero.stages import make_zero
 
 
 def split_params(params, experts):
@@ -72,7 +72,7 @@ class ExpertDataParallel(GradientSync):
 
 
 class _Prefixed:
-    """The memory ledger seen by the expert ZeroOptimizer: its names prefixed "experts:",
+    """The memory ledger seen by the expert ZeRO stage: its names prefixed "experts:",
     so its flat buffers never collide with the dense ones' entries."""
 
     def __init__(self, ledger, prefix):
@@ -92,8 +92,8 @@ class _Prefixed:
 
 
 class ExpertZero(GradientSync, ModelOptimizer):
-    """ZeRO with experts: ZeroOptimizer over dp for the dense parameters, another over edp for
-    the expert parameters (then x 1/ep, as above). Both contracts, as one ZeroOptimizer
+    """ZeRO with experts: a ZeRO stage (make_zero) over dp for the dense parameters, another over
+    edp for the expert parameters (then x 1/ep, as above). Both contracts, as one ZeRO stage
     (contracts.GradientSync and ModelOptimizer), plus report().
     Stage 3 is refused: its units are Blocks, which hold both kinds."""
 
@@ -103,8 +103,8 @@ class ExpertZero(GradientSync, ModelOptimizer):
         check_zero(layout, experts=groups.ep * groups.per_rank)     # layout.py: no ZeRO-3 with experts
         dense, expert = split_params(params, experts)
         self.ep = groups.ep
-        self.dense = ZeroOptimizer(dense, groups.balance, layout, optim_cfg, precision, ledger, model)
-        self.experts = None if not expert else ZeroOptimizer(
+        self.dense = make_zero(dense, groups.balance, layout, optim_cfg, precision, ledger, model)
+        self.experts = None if not expert else make_zero(
             expert, groups.edp_group, layout, optim_cfg, precision, _Prefixed(ledger, "experts:"), model)
         self.parts = [z for z in (self.dense, self.experts) if z is not None]
 

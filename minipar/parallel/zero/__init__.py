@@ -2,5 +2,10 @@
 
     partition.py        flat padded buffers, rank r owns chunk r
     shard_optimizer.py  the optimizer step on this rank's chunk, on device or offloaded to host
-    stages.py           ZeRO-1, 2 and 3 as gradient sync and optimizer
+    base.py             what every stage shares: partition, shard optimizer, collectives, state
+    stage0.py           Zero0: whole flat buffers, all-reduce (ZeRO-Offload on plain DP)
+    stage1.py           Zero1: the optimizer states cut over dp (reduce-scatter, all-gather)
+    stage2.py           Zero2: + the gradients (each bucket reduce-scattered in backward)
+    stage3.py           Zero3: + the parameters (gathered and released around each Block)
+    stages.py           the stages table and make_zero, which builds the one a Layout asks for
 """
