@@ -26,11 +26,14 @@ from minipar.memory import MemoryLedger
 from minipar.nn import GPT
 from minipar.optim import SGD, AdamW, LossScaler, prepare_step
 from minipar.parallel.context.model import shard_context_parallel
+from minipar.parallel.data.ddp import DataParallel
 from minipar.parallel.expert.dispatch import shard_experts
 from minipar.parallel.expert.groups import ExpertGroups
 from minipar.parallel.expert.stats import drain, step_record
+from minipar.parallel.expert.sync import ExpertDataParallel, ExpertZero
 from minipar.parallel.pipeline.executor import Pipeline
 from minipar.parallel.tensor.megatron import shard_tensor_parallel
+from minipar.parallel.zero.stages import make_zero
 
 
 @dataclass
@@ -146,9 +149,7 @@ class Engine:
         for p in self.params:                    # built and cut on the host, now moved to the device once
             p.data = to_device(p.data, self.xp, self.ledger.transfers)
         if lay.zero or lay.offload:
-            from minipar.parallel.zero.stages import make_zero
             if self.experts is not None:           # dense params sharded over dp, experts over edp
-                from minipar.parallel.expert.sync import ExpertZero
                 self.optimizer = self.sync = ExpertZero(self.params, self.expert_params, self.experts, lay,
                                                         self.optim_cfg, self.precision, self.ledger, self.model)
             else:
@@ -156,11 +157,9 @@ class Engine:
                                                        self.optim_cfg, self.precision, self.ledger, self.model)
         else:
             if self.experts is not None and self.dp_group.size > 1:
-                from minipar.parallel.expert.sync import ExpertDataParallel
                 self.sync = ExpertDataParallel(self.params, self.expert_params, self.experts,
                                                lay.bucket_bytes, lay.overlap and lay.pp == 1)
             elif self.dp_group is not None and self.dp_group.size > 1:
-                from minipar.parallel.data.ddp import DataParallel
                 self.sync = DataParallel(self.params, self.dp_group, lay.bucket_bytes, lay.overlap and lay.pp == 1)
             else:
                 self.sync = LocalGrads(self.params)

@@ -189,30 +189,36 @@ class LossScaler:
 GRAD_STATS_CHUNK = 1 << 16      # elements cast to float64 at a time by grad_stats
 
 
+def sum_squares(g, buf=None):
+    """sum of g_i^2 over a flat array g, accumulated in float64. A float64 g is one dot
+    product g.g; a lower-precision one is cast to float64 a chunk at a time into `buf`
+    (GRAD_STATS_CHUNK float64s; made here when None): no full-size copy, no g*g array."""
+    xp = array_module(g)
+    if g.dtype == np.float64:
+        return float(xp.dot(g, g))
+    if buf is None:
+        buf = xp.empty(min(GRAD_STATS_CHUNK, g.size), dtype=np.float64)
+    acc = 0.0
+    for start in range(0, g.size, GRAD_STATS_CHUNK):
+        piece = buf[:min(GRAD_STATS_CHUNK, g.size - start)]
+        piece[...] = g[start:start + GRAD_STATS_CHUNK]                 # cast into float64
+        acc = acc + xp.dot(piece, piece)                               # stays on the device
+    return float(acc)
+
+
 def grad_stats(params):
     """Local [sum of squared gradients, number of non-finite gradients], as float64.
 
     Parameters whose `spec.norm_owner` is False (a replica another rank also holds) are
-    left out, so summing these stats over ranks counts every serial parameter once.
-    A float64 gradient is one dot product g.g; a lower-precision one is cast to float64
-    a chunk at a time into one small buffer (no full-size float64 copy, no g*g array)."""
+    left out, so summing these stats over ranks counts every serial parameter once."""
     total, bad, buf = 0.0, 0.0, None
     for p in params:
         if p.grad is None or not p.spec.norm_owner:
             continue
         g = p.grad.reshape(-1)                                        # (n,)
-        xp = array_module(g)
-        if g.dtype == np.float64:
-            sq = float(xp.dot(g, g))
-        else:
-            if buf is None:
-                buf = xp.empty(GRAD_STATS_CHUNK, dtype=np.float64)
-            acc = 0.0
-            for start in range(0, g.size, GRAD_STATS_CHUNK):
-                piece = buf[:min(GRAD_STATS_CHUNK, g.size - start)]
-                piece[...] = g[start:start + GRAD_STATS_CHUNK]         # cast into float64
-                acc = acc + xp.dot(piece, piece)                       # stays on the device
-            sq = float(acc)
+        if buf is None and g.dtype != np.float64:
+            buf = array_module(g).empty(GRAD_STATS_CHUNK, dtype=np.float64)
+        sq = sum_squares(g, buf)
         total += sq
         bad += 0.0 if math.isfinite(sq) else 1.0
     return np.array([total, bad])

@@ -16,15 +16,17 @@ A stage declares the rest, in the order the constructor places it:
     _own_params()           my shard of the parameters (S,), what the optimizer updates
     _put_params(own, new)   the updated shard back into the parameters (and all-gathered)
     _load_params(flat)      a checkpoint's whole flat parameters (Φ_pad,) in
-    _norm_mask()            (S,) bool: the entries of my shard this rank counts in ||g||
+    _norm_mask()            (S,) host bool: the entries of my shard this rank counts in ||g||
     zero_grad(), finish(), gathered()       the contracts' remaining methods
 """
+import math
 from abc import abstractmethod
 
 import numpy as np
 
 from minipar.backend import array_module
 from minipar.contracts import GradientSync, ModelOptimizer
+from minipar.optim import GRAD_STATS_CHUNK, sum_squares
 from minipar.parallel.zero.partition import Partition, unit_groups
 from minipar.parallel.zero.shard_optimizer import ShardOptimizer
 
@@ -53,7 +55,8 @@ class ZeroBase(GradientSync, ModelOptimizer):
         self._place_grads(flat)
         self.optim = ShardOptimizer(optim_cfg, precision, self._own_params(), ledger, part.shard_pad,
                                     layout.offload)
-        self.norm_mask = self._norm_mask()
+        self.norm_runs = true_runs(self._norm_mask())          # [(lo, hi)] of my shard counted in ||g||
+        self.stats_buf = xp.empty(min(GRAD_STATS_CHUNK, part.shard_size), np.float64)   # grad_stats' scratch
         self.zero_grad()
 
     # ---- what a stage declares ------------------------------------------------------------------
@@ -84,7 +87,7 @@ class ZeroBase(GradientSync, ModelOptimizer):
     def _norm_mask(self):
         """(S,) bool: my shard's entries that this rank counts in ||g||, replicas (norm_owner
         False) and padding excluded."""
-        return self.part.owner_mask(self.xp)
+        return self.part.owner_mask(np)
 
     # ---- sizes ------------------------------------------------------------------------------------
     numel = property(lambda self: self.part.numel, doc="Φ: parameters this rank's model part has")
@@ -105,11 +108,13 @@ class ZeroBase(GradientSync, ModelOptimizer):
         self.sync = bool(last)         # communicate during this backward (the last micro-batch's)?
 
     def grad_stats(self):
-        """[sum of squares, count of non-finite] over my grad shard, entries of replicas
-        (norm_owner False) and padding excluded; the engine sums this over the world."""
-        g = self.grad_shard.astype(np.float64)
-        squares = float(self.xp.where(self.norm_mask, g * g, 0.0).sum())
-        return np.array([squares, float((~self.xp.isfinite(g)).sum())])
+        """[sum of squares, non-finite: 1 or 0] over my grad shard's counted entries (replicas,
+        norm_owner False, and padding excluded: `norm_runs`); the engine sums this over the
+        world. A replica's gradient equals its owner's, so a non-finite one is seen there."""
+        squares = 0.0
+        for lo, hi in self.norm_runs:          # float64 sums a chunk at a time, no (S,) temporaries
+            squares += sum_squares(self.grad_shard[lo:hi], self.stats_buf)
+        return np.array([squares, 0.0 if math.isfinite(squares) else 1.0])
 
     def step(self, grad_scale=1.0):
         """Update my shard with grad * grad_scale (ShardOptimizer), then put it back."""
@@ -156,3 +161,9 @@ class ZeroBase(GradientSync, ModelOptimizer):
                 "numel_padded": self.numel_padded, "shard_size": self.shard_size,
                 "bytes_to_host": self.optim.bytes_to_host, "bytes_to_device": self.optim.bytes_to_device,
                 "memory": self.ledger.report()}
+
+
+def true_runs(mask):
+    """[(lo, hi)]: the maximal runs of True in a 1-D bool array, as Python ints."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return [(int(lo), int(hi)) for lo, hi in edges.reshape(-1, 2)]

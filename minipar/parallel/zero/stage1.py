@@ -14,6 +14,8 @@ rank and step as plain DP.
 """
 from contextlib import contextmanager
 
+import numpy as np
+
 from minipar.parallel.zero.stage0 import Zero0
 
 
@@ -27,7 +29,7 @@ class Zero1(Zero0):
         return self.group              # what ZeRO-1 adds: the model states are cut over dp
 
     def _norm_mask(self):
-        return self.part.owner_mask(self.xp)      # each rank counts its own chunk: no replicas over dp
+        return self.part.owner_mask(np)      # each rank counts its own chunk: no replicas over dp
 
     def finish(self):
         """After backward: my chunk of the flat gradient holds its average over dp."""

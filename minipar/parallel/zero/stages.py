@@ -36,6 +36,7 @@ contracts.py); `make_zero` builds the one a Layout asks for.
 ZeRO-3 is supported with data parallelism only (tp = pp = 1); stages 1 and 2
 work on whatever local parameters TP / PP leave (over the grid's dp group).
 """
+from minipar.layout import check_zero
 from minipar.parallel.zero.stage0 import Zero0
 from minipar.parallel.zero.stage1 import Zero1
 from minipar.parallel.zero.stage2 import Zero2
@@ -47,10 +48,5 @@ STAGES = {0: Zero0, 1: Zero1, 2: Zero2, 3: Zero3}
 def make_zero(params, dp_group, layout, optim_cfg, precision, ledger, model=None):
     """The ZeRO stage `layout.zero` over `dp_group` (None: one rank), sync and optimizer in one;
     `model` gives ZeRO-3 its Blocks. Refuses a stage outside 0-3 and ZeRO-3 with tp or pp."""
-    stage = layout.zero
-    if stage not in STAGES:
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
-    if stage == 3 and (layout.tp > 1 or layout.pp > 1):
-        raise ValueError(f"ZeRO-3 is supported with data parallelism only (got tp={layout.tp}, "
-                         f"pp={layout.pp}); use zero=1 or 2 with tensor or pipeline parallelism")
-    return STAGES[stage](params, dp_group, layout, optim_cfg, precision, ledger, model)
+    check_zero(layout)                     # layout.py: the stage exists, ZeRO-3 without tp / pp
+    return STAGES[layout.zero](params, dp_group, layout, optim_cfg, precision, ledger, model)
