@@ -21,7 +21,7 @@ from minipar import autograd
 from minipar.backend import array_module, device_module, to_device, to_host
 from minipar.contracts import LocalGrads
 from minipar.comm.ledger import CommLedger
-from minipar.layout import check_batch, validate
+from minipar.layout import Layout, check_batch, validate  # noqa: F401  (Layout: engine.Layout too)
 from minipar.memory import MemoryLedger
 from minipar.nn import GPT
 from minipar.optim import SGD, AdamW, LossScaler, prepare_step
@@ -34,30 +34,6 @@ from minipar.parallel.expert.sync import ExpertDataParallel, ExpertZero
 from minipar.parallel.pipeline.executor import Pipeline
 from minipar.parallel.tensor.megatron import shard_tensor_parallel
 from minipar.parallel.zero.stages import make_zero
-
-
-@dataclass
-class Layout:
-    dp: int = 1                    # data-parallel degree
-    pp: int = 1                    # pipeline stages
-    tp: int = 1                    # tensor-parallel degree
-    cp: int = 1                    # context-parallel degree: ranks sharing each sequence
-    cp_algo: str = "ring"          # context parallelism: ring (attention) | ulysses (all-to-all)
-    cp_split: str = "zigzag"       # which chunks a cp rank holds: zigzag (balanced) | contiguous
-    sequence_parallel: bool = False
-    zero: int = 0                  # ZeRO stage over the dp (x cp) group: 0 (plain DDP), 1, 2, 3
-    offload: bool = False          # ZeRO-Offload: optimizer state and step on the host
-    schedule: str = "1f1b"         # pipeline schedule: gpipe | 1f1b | interleaved | zb-h1
-    micro_batches: int = 1         # per data-parallel rank per step (gradient accumulation)
-    virtual_stages: int = 1        # interleaved schedule: model chunks per pipeline rank
-    bucket_bytes: int = 2 ** 20    # DDP gradient bucket size
-    overlap: bool = True           # launch bucket all-reduces during backward
-    ep: int = 1                    # expert-parallel degree, carved out of dp (MoE: parallel/expert/)
-    serial_of_dp: int = 1          # serial oracle of a dp=N MoE run: micro-batch j = every dp rank's j-th
-
-    @property
-    def world_size(self):
-        return self.dp * self.pp * self.cp * self.tp
 
 
 @dataclass

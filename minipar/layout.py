@@ -1,6 +1,6 @@
-"""Every layout rule in one place: validate(cfg, layout, world_size, global_batch).
+"""The layout and every rule it must obey, in one place: Layout, validate(cfg, layout, world_size, batch).
 
-A layout (engine.Layout: dp x pp x cp x tp ranks, ep, ZeRO stage, schedule, micro-batches)
+A layout (Layout below: dp x pp x cp x tp ranks, ep, ZeRO stage, schedule, micro-batches)
 either runs on a model (nn.GPTConfig), a world and a global batch, or is refused here,
 before any collective, with one line that is the same on every rank: the rules read only
 their arguments, never the network. Each message names the command-line flag of
@@ -24,6 +24,7 @@ The strategies call their piece directly (a one-line call), so a model sharded b
 is refused by the same rule, with the same words, as the train job's flags.
 """
 import numbers
+from dataclasses import dataclass
 
 from minipar.comm.group import RING_TAG
 
@@ -32,6 +33,33 @@ CP_ALGORITHMS = ("ring", "ulysses")                      # parallel/context/ring
 CP_SPLITS = ("zigzag", "contiguous")                     # parallel/context/split.py
 ZERO_STAGES = (0, 1, 2, 3)                               # parallel/zero/stages.py
 SEQUENCE = "(--seq-len, or 2 x --n-digits for the built-in task)"   # where seq_len comes from
+
+
+@dataclass
+class Layout:
+    """How one training job is cut over its ranks: the degrees (world = dp x pp x cp x tp), the
+    ZeRO stage, the pipeline schedule and how gradients are synchronised. Checked by validate()."""
+
+    dp: int = 1                    # data-parallel degree
+    pp: int = 1                    # pipeline stages
+    tp: int = 1                    # tensor-parallel degree
+    cp: int = 1                    # context-parallel degree: ranks sharing each sequence
+    cp_algo: str = "ring"          # context parallelism: ring (attention) | ulysses (all-to-all)
+    cp_split: str = "zigzag"       # which chunks a cp rank holds: zigzag (balanced) | contiguous
+    sequence_parallel: bool = False
+    zero: int = 0                  # ZeRO stage over the dp (x cp) group: 0 (plain DDP), 1, 2, 3
+    offload: bool = False          # ZeRO-Offload: optimizer state and step on the host
+    schedule: str = "1f1b"         # pipeline schedule: gpipe | 1f1b | interleaved | zb-h1
+    micro_batches: int = 1         # per data-parallel rank per step (gradient accumulation)
+    virtual_stages: int = 1        # interleaved schedule: model chunks per pipeline rank
+    bucket_bytes: int = 2 ** 20    # DDP gradient bucket size
+    overlap: bool = True           # launch bucket all-reduces during backward
+    ep: int = 1                    # expert-parallel degree, carved out of dp (MoE: parallel/expert/)
+    serial_of_dp: int = 1          # serial oracle of a dp=N MoE run: micro-batch j = every dp rank's j-th
+
+    @property
+    def world_size(self):
+        return self.dp * self.pp * self.cp * self.tp
 
 
 class LayoutError(ValueError):
