@@ -20,8 +20,9 @@ import numpy as np
 from minipar import checkpoint, report
 from minipar.args import UsageError, build_parser, check_flags, from_flags
 from minipar.backend import device_module
+from minipar.comm.exit import exit_agreed
 from minipar.comm.grid import ProcessGrid
-from minipar.comm.group import CommLedger, Group, exit_agreed
+from minipar.comm.group import CommLedger, Group
 from minipar.data import TextTask
 from minipar.engine import Engine, Layout
 from minipar.inputs import check_data, check_memory, check_outputs, check_resume
@@ -210,5 +211,5 @@ def main(argv=None, world=None):
 if __name__ == "__main__":
     code = main()
     if code:                        # every rank reached this code alike: a clean collective exit,
-        exit_agreed(code)           # with no MPI_Abort banner (see comm/group.py)
+        exit_agreed(code)           # with no MPI_Abort banner (see comm/exit.py)
     sys.exit(0)

@@ -36,7 +36,7 @@ import math
 
 from minipar.autograd import Function
 from minipar.backend import array_module, like
-from minipar.comm.group import Request
+from minipar.comm.request import Request
 from minipar.parallel.context import online_softmax as osm
 from minipar.parallel.context.split import DIAGONAL, SKIP, pair_kind
 
