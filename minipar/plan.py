@@ -6,7 +6,7 @@
     python -m minipar.plan --gpus 64 --tp 8 --pp 2 --micro-batches 8 \\
         --layers 32 --hidden 4096 --heads 32 --seq 2048 --batch 1 --vocab 50304
 
-Model states use the ZeRO formulas of memory.py with N = the data-parallel
+Model states use the ZeRO formulas of formulas.py with N = the data-parallel
 degree gpus / (tp·pp), each model-parallel rank holding Φ/(tp·pp) parameters
 (an even split: the embedding is not special-cased). Activations use
 Korthikanti et al. 2022 for the first pipeline stage under 1F1B, which keeps
@@ -23,7 +23,7 @@ import math
 import sys
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
-from minipar.memory import (activation_bytes_formula, bytes_per_param, comm_elements_per_step,
+from minipar.formulas import (activation_bytes_formula, bytes_per_param, comm_elements_per_step,
                             gb, model_state_breakdown, model_state_bytes_formula,
                             pp_comm_elements, tp_comm_elements, cp_ring_comm_elements,
                             cp_ulysses_comm_elements)

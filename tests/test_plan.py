@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minipar.memory import gb, model_state_bytes_formula
+from minipar.formulas import gb, model_state_bytes_formula
 from minipar.plan import (PUBLISHED_TABLE1, TABLE1_DP, TABLE1_MODELS, figure1_round,
                           gpt_param_count, main, table1, table1_round)
 
