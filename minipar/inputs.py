@@ -10,7 +10,7 @@ ranks' verdicts.
 import importlib.util
 import os
 
-from minipar import checkpoint, plan
+from minipar import checkpoint, sizing
 from minipar.args import UsageError, flag
 
 
@@ -61,7 +61,7 @@ def check_outputs(args, layout):
 
 def check_memory(cfg, layout, args, world_size):
     """Refuse a run whose plan (minipar.plan's per-rank estimate) exceeds this machine's memory."""
-    need = plan.run_bytes_per_rank(cfg, layout, args.batch_size, args.eval_samples, args.check)
+    need = sizing.run_bytes_per_rank(cfg, layout, args.batch_size, args.eval_samples, args.check)
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     total = need["total"] * world_size                       # the ranks share this machine
     if total > have:
