@@ -27,6 +27,7 @@ from minipar.data import TextTask
 from minipar.engine import Engine, Layout
 from minipar.inputs import check_data, check_memory, check_outputs, check_resume
 from minipar.layout import LayoutError, validate
+from minipar.manifest import CheckpointError
 from minipar.parity import ParityError
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
@@ -78,7 +79,7 @@ def agree(world, attempt, *args):
     result, mine = None, None
     try:
         result = attempt(*args)
-    except (UsageError, checkpoint.CheckpointError) as err:
+    except (UsageError, CheckpointError) as err:
         mine = str(err)
     verdicts = world.allgather_object(mine) if world.size > 1 else [mine]
     message = next((v for v in verdicts if v is not None), None)
