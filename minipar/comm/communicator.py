@@ -1,4 +1,4 @@
-"""Communicator: one MPI communicator, its members and sub-groups, point-to-point messages, small metadata.
+"""Communicator: one MPI communicator's members, sub-groups, point-to-point messages and metadata.
 
 The part of a Group (comm/group.py) that is not a collective on arrays: who is in it
 (rank, size, their world ranks), how sub-groups are made (`split`, `dup`), blocking and
