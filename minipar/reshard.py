@@ -14,6 +14,7 @@ import numpy as np
 
 from minipar.manifest import KINDS, CheckpointError
 
+
 class Reader:
     """The arrays of a checkpoint's files, each file opened once (np.load, no pickles)."""
 

@@ -134,12 +134,12 @@ class Communicator:
         self.wire.write_back(recvbuf, landing)
         return recvbuf
 
+    # -- synchronisation, small metadata and verdicts ---------------------------------
     @timed
     def barrier(self):
         self.comm.Barrier()
         self.ledger.record("barrier", self.name, "none", 0, 0)
 
-    # -- small metadata and verdicts -------------------------------------------------
     @timed
     def allgather_object(self, obj):
         """[obj of rank 0, obj of rank 1, ...]: pickled, for small metadata only."""
