@@ -17,7 +17,7 @@ stages), and then the number is what this run measured:
                              the lines of its own files (not blank, not comment-only);
                              ZeRO's stages share parallel/zero/.
   scalability                how the largest trainable model grows as devices are added.
-                             Backed by minipar.plan's model-state formulas (memory.py):
+                             Backed by minipar.plan's model-state formulas (formulas.py):
                              the largest Φ whose model states fit in 80 GB devices
                              (mixed precision, Adam) at 8, 64 and 512 devices, with TP
                              inside a node of 8 and at most 8 or 64 pipeline stages
@@ -45,7 +45,7 @@ from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
 from minipar.comm.grid import ProcessGrid
 from minipar.engine import Engine, Layout, OptimConfig
-from minipar.memory import model_state_bytes_formula
+from minipar.formulas import model_state_bytes_formula
 from minipar.nn import GPTConfig
 from minipar.parallel.pipeline.schedules import bubble_fraction, simulate
 from minipar.report import write_json
@@ -101,7 +101,7 @@ def code_lines(modules):
 def largest_model(layout, scale, n_devices, device_bytes=DEVICE_BYTES, precision="mixed"):
     """Φ_max: the most parameters whose model states fit in `device_bytes` per device on
     n_devices, laid out as tp = min(cap, n), pp = min(cap, n/tp), dp = the rest, with the
-    row's ZeRO stage over dp. Each model-parallel rank holds Φ/(tp·pp) (memory.py's ZeRO
+    row's ZeRO stage over dp. Each model-parallel rank holds Φ/(tp·pp) (formulas.py's ZeRO
     formulas, linear in Φ: 16Φ, 4Φ+12Φ/N, 2Φ+14Φ/N, 16Φ/N; Offload keeps only the device part)."""
     tp = min(scale.get("tp", 1), n_devices)
     pp = min(scale.get("pp", 1), n_devices // tp)

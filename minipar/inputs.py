@@ -10,8 +10,9 @@ ranks' verdicts.
 import importlib.util
 import os
 
-from minipar import checkpoint, plan
+from minipar import sizing
 from minipar.args import UsageError, flag
+from minipar.manifest import CheckpointError, check_save_target, read_manifest, writable_dir
 
 
 def check_data(path):
@@ -34,7 +35,7 @@ def check_data(path):
 def check_outputs(args, layout):
     """--save, --report, --trace: writable, of the right kind; a PNG trace has matplotlib."""
     if args.save:
-        reason = checkpoint.check_save_target(args.save)
+        reason = check_save_target(args.save)
         if reason:
             raise UsageError(f"--save {args.save}: {reason}")
     for dest in ("report", "trace"):
@@ -46,7 +47,7 @@ def check_outputs(args, layout):
             raise UsageError(f"{flag(dest)} {path} is a directory; give a file name")
         if not os.path.isdir(parent):
             raise UsageError(f"{flag(dest)} {path}: the directory {parent} does not exist")
-        if not checkpoint.writable_dir(parent) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        if not writable_dir(parent) or (os.path.exists(path) and not os.access(path, os.W_OK)):
             raise UsageError(f"{flag(dest)} {path} is not writable")
     if args.trace and not args.trace.endswith(".json"):     # a Chrome trace works for every layout
         if not args.trace.endswith(".png"):
@@ -61,7 +62,7 @@ def check_outputs(args, layout):
 
 def check_memory(cfg, layout, args, world_size):
     """Refuse a run whose plan (minipar.plan's per-rank estimate) exceeds this machine's memory."""
-    need = plan.run_bytes_per_rank(cfg, layout, args.batch_size, args.eval_samples, args.check)
+    need = sizing.run_bytes_per_rank(cfg, layout, args.batch_size, args.eval_samples, args.check)
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     total = need["total"] * world_size                       # the ranks share this machine
     if total > have:
@@ -79,8 +80,8 @@ def gib(nbytes):
 def check_resume(args, cfg):
     """--resume: a verified checkpoint of this model, saved before --steps."""
     try:
-        manifest = checkpoint.read_manifest(args.resume, cfg)
-    except checkpoint.CheckpointError as err:
+        manifest = read_manifest(args.resume, cfg)
+    except CheckpointError as err:
         raise UsageError(f"--resume: {err}") from None
     if manifest.get("seed", args.seed) != args.seed:
         raise UsageError(f"--resume {args.resume} was trained with --seed {manifest['seed']}, "

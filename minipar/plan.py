@@ -6,7 +6,7 @@
     python -m minipar.plan --gpus 64 --tp 8 --pp 2 --micro-batches 8 \\
         --layers 32 --hidden 4096 --heads 32 --seq 2048 --batch 1 --vocab 50304
 
-Model states use the ZeRO formulas of memory.py with N = the data-parallel
+Model states use the ZeRO formulas of formulas.py with N = the data-parallel
 degree gpus / (tp·pp), each model-parallel rank holding Φ/(tp·pp) parameters
 (an even split: the embedding is not special-cased). Activations use
 Korthikanti et al. 2022 for the first pipeline stage under 1F1B, which keeps
@@ -17,185 +17,22 @@ GPU sends per step with ring collectives. 1 GB = 1e9 bytes, as in the paper.
 attention 4h² + MLP 8h² per layer plus token and position embeddings (the
 output layer tied to the token embedding). `--biases` adds 13·L·h + 2h for
 linear biases and LayerNorm weights.
+
+This file is the command line and the sections beyond model states (activations,
+communication, MoE); the model-state tables are zero_tables.py, Φ is sizing.py.
 """
 import argparse
 import math
 import sys
-from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
-from minipar.memory import (activation_bytes_formula, bytes_per_param, comm_elements_per_step,
-                            gb, model_state_breakdown, model_state_bytes_formula,
-                            pp_comm_elements, tp_comm_elements, cp_ring_comm_elements,
-                            cp_ulysses_comm_elements)
-
-STAGES = (("DP (no ZeRO)", 0), ("ZeRO-1  P_os", 1), ("ZeRO-2  P_os+g", 2), ("ZeRO-3  P_os+g+p", 3))
-ACTIVATION_BYTES = {"mixed": 2, "fp32": 4, "fp64": 8}   # fp16 activations under mixed, as Megatron
-
-# ZeRO paper (Rajbhandari et al. 2020), Table 1: per-device memory (GB) of
-# P_os, P_os+g, P_os+g+p, mixed precision with Adam (K = 12), as printed.
-TABLE1_MODELS = (("7.5B", 7.5e9), ("128B", 128e9), ("1T", 1e12))
-TABLE1_DP = (1, 4, 16, 64, 256, 1024)
-PUBLISHED_TABLE1 = {
-    "7.5B": {1: ("120", "120", "120"), 4: ("52.5", "41.3", "30"), 16: ("35.6", "21.6", "7.5"),
-             64: ("31.4", "16.6", "1.88"), 256: ("30.4", "15.4", "0.47"), 1024: ("30.1", "15.1", "0.12")},
-    "128B": {1: ("2048", "2048", "2048"), 4: ("896", "704", "512"), 16: ("608", "368", "128"),
-             64: ("536", "284", "32"), 256: ("518", "263", "8"), 1024: ("513", "257", "2")},
-    "1T": {1: ("16000", "16000", "16000"), 4: ("7000", "5500", "4000"), 16: ("4750", "2875", "1000"),
-           64: ("4187", "2218", "250"), 256: ("4046", "2054", "62.5"), 1024: ("4011", "2013", "15.6")},
-}
-
-
-# ----------------------------------------------------------------------------- formulas
-
-def gpt_param_count(n_layers, hidden, vocab, seq_len, biases=False, tied_embeddings=True):
-    """Φ of a GPT: 12·L·h² + (V + s)·h (+ 13·L·h + 2h with biases and LayerNorms,
-    + V·h when the output layer is not tied to the token embedding)."""
-    phi = 12 * n_layers * hidden ** 2 + (vocab + seq_len) * hidden
-    if biases:
-        phi += 13 * n_layers * hidden + 2 * hidden
-    if not tied_embeddings:
-        phi += vocab * hidden
-    return phi
-
-
-def run_bytes_per_rank(cfg, layout, batch, eval_samples=0, check=False):
-    """The least memory one rank of `minipar.train` needs, {part: bytes} and "total", from
-    the formulas above: model states (ZeRO formula over dp for Φ/(tp·pp), Offload's host part
-    included: the same machine), the saved activations of the micro-batches one pipeline
-    stage keeps in flight (Korthikanti et al.: min(p, m) under 1F1B, m under GPipe), the
-    logits of those micro-batches and of the evaluation batch, and the serial run that
-    `--check` keeps beside it. `cfg` a GPTConfig, `layout` an engine Layout."""
-    size = ACTIVATION_BYTES[cfg.precision]
-    t, lay = layout.tp, layout
-    phi = gpt_param_count(cfg.n_layer, cfg.d_model, cfg.vocab_size, cfg.seq_len, biases=True,
-                          tied_embeddings=cfg.tied_embeddings)
-    states = model_state_bytes_formula(phi / (t * lay.pp), lay.dp, lay.zero, cfg.precision, lay.offload)
-    b = batch / (lay.dp * lay.micro_batches)                        # one micro-batch
-    in_flight = lay.micro_batches if lay.schedule == "gpipe" else min(lay.pp, lay.micro_batches)
-    masks = 1 if cfg.dropout else 0
-
-    def activations(b, t, layers, sp):
-        return activation_bytes_formula(cfg.seq_len, b, cfg.d_model, cfg.n_head, t, sp, size, masks) * layers
-
-    parts = {"model states": sum(states) if lay.offload else states,
-             "activations": activations(b, t, cfg.n_layer / lay.pp, lay.sequence_parallel) * in_flight,
-             "logits": 2 * b * cfg.seq_len * cfg.vocab_size / t * size * in_flight,
-             "evaluation": eval_samples * cfg.seq_len * (cfg.vocab_size + 4 * cfg.d_model) * size}
-    if check:
-        parts["--check serial run"] = (model_state_bytes_formula(phi, 1, 0, cfg.precision)
-                                       + activations(batch, 1, cfg.n_layer, False)
-                                       + 2 * batch * cfg.seq_len * cfg.vocab_size * size)
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def moe_param_counts(phi, n_layers, hidden, experts, top_k, moe_every=1):
-    """(total, active) Φ when every moe_every-th MLP (8h² each) becomes E experts and a router
-    (h·E): total = Φ + M·((E-1)·8h² + hE), active per token = Φ + M·((k-1)·8h² + hE),
-    M = L // moe_every MoE layers (biases left out, as in Φ)."""
-    m = n_layers // moe_every
-    router = hidden * experts
-    return (phi + m * ((experts - 1) * 8 * hidden ** 2 + router),
-            phi + m * ((top_k - 1) * 8 * hidden ** 2 + router))
-
-
-def print_moe(args, phi, dp):
-    """Parameters total vs active, model states per GPU with experts over ep (dense over N =
-    dp, experts over N/ep), and the all-to-all volume with uniform routing."""
-    h, m_layers = args.hidden, args.layers // args.moe_every
-    total, active = moe_param_counts(phi, args.layers, h, args.experts, args.top_k, args.moe_every)
-    expert = m_layers * args.experts * 8 * h ** 2               # all experts' weights
-    dense = (total - expert) / (args.tp * args.pp)              # per GPU, dense part
-    local = expert / (args.ep * args.pp)                        # per GPU: E/ep experts, whole over tp
-    print(f"Mixture of experts: E = {args.experts}, top-{args.top_k}, every {args.moe_every} MLP(s), ep = {args.ep}")
-    print(f"  total Φ {total:,.4g}  active per token {active:,.4g}  ({active / total:.1%}); "
-          f"per GPU: dense {dense:,.4g} + experts {local:,.4g} (E/ep experts, replicated over tp)")
-    print(f"  {'strategy':<18}{'GB/GPU':>8}   dense over N = {dp}, experts over N/ep = {dp // args.ep}")
-    for label, stage in STAGES[:3]:
-        nbytes = model_state_bytes_formula(dense, dp, stage, args.precision) + \
-            model_state_bytes_formula(local, dp // args.ep, stage, args.precision)
-        print(f"  {label:<18}{figure1_round(gb(nbytes)):>8}")
-    a2a = 4 * args.batch * args.seq * args.top_k * h * (args.ep - 1) / args.ep * m_layers // args.pp
-    print(f"  all-to-all per step (uniform routing): 4·b·s·k·h·(ep-1)/ep x {m_layers // args.pp} layers x m "
-          f"= {a2a * args.micro_batches:.4g} elements, "
-          f"{_fmt(gb(a2a * args.micro_batches * ACTIVATION_BYTES[args.precision]))} GB")
-
-
-def figure1_round(value):
-    """One decimal, half up, no trailing '.0' (ZeRO figure 1: 120, 31.4, 16.6, 1.9)."""
-    return _strip(Decimal(value).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
-
-
-def table1_round(value):
-    """How ZeRO's Table 1 prints GB: from 100 up the fraction is dropped
-    (4187.5 -> 4187), from 10 one decimal, below two, half up, no trailing zeros."""
-    value = Decimal(value)
-    if value >= 100:
-        return _strip(value.quantize(Decimal("1"), rounding=ROUND_FLOOR))
-    step = Decimal("0.1") if value >= 10 else Decimal("0.01")
-    return _strip(value.quantize(step, rounding=ROUND_HALF_UP))
-
-
-def _strip(d):
-    text = f"{d:f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def table1():
-    """Table 1 computed from the formulas: {model: {N: (P_os, P_os+g, P_os+g+p) strings}}."""
-    return {name: {n: tuple(table1_round(gb(model_state_bytes_formula(phi, n, stage)))
-                            for stage in (1, 2, 3))
-                   for n in TABLE1_DP}
-            for name, phi in TABLE1_MODELS}
-
-
-def _formula(precision, stage, cats):
-    """'4Φ + 12Φ/N' style text for the summed categories `cats`."""
-    sizes = bytes_per_param(precision)
-    shard = model_state_breakdown(1, 2, stage, precision)      # Φ=1, N=2: sharded parts are halved
-    full = sum(sizes[c] for c in cats if shard[c] == sizes[c])
-    part = sum(sizes[c] for c in cats if shard[c] != sizes[c])
-    terms = ([f"{full}Φ"] if full else []) + ([f"{part}Φ/N"] if part else [])
-    return " + ".join(terms) or "0"
+from minipar.formulas import (activation_bytes_formula, bytes_per_param, comm_elements_per_step,
+                              cp_ring_comm_elements, cp_ulysses_comm_elements, gb,
+                              model_state_bytes_formula, pp_comm_elements, tp_comm_elements)
+from minipar.sizing import ACTIVATION_BYTES, gpt_param_count, moe_param_counts
+from minipar.zero_tables import STAGES, figure1_round, print_table1, print_zero_table
 
 
 # ----------------------------------------------------------------------------- report sections
-
-def print_zero_table(phi, n, precision, offload, model_parallel=1):
-    """One row per ZeRO stage: the formula and GB per GPU (device and host with
-    --offload, where the optimizer part master + m + v lives on the host)."""
-    sizes = bytes_per_param(precision)
-    k = sizes["master"] + sizes["optim_m"] + sizes["optim_v"]
-    split = f" / {model_parallel} model-parallel ranks" if model_parallel > 1 else ""
-    print("Model-state memory per GPU (ZeRO, Rajbhandari et al. 2020)")
-    print(f"  Φ = {phi:.4g} parameters{split}, N = {n} data-parallel GPUs, "
-          f"precision {precision} (K = {k}), 1 GB = 1e9 bytes")
-    phi = phi / model_parallel
-    on_device, optimizer = ("param", "grad"), ("master", "optim_m", "optim_v")
-    if offload:
-        print(f"  {'strategy':<18}{'device formula':<16}{'device GB':>10}   {'host formula':<14}{'host GB':>8}")
-    else:
-        print(f"  {'strategy':<18}{'formula':<16}{'GB/GPU':>8}")
-    for label, stage in STAGES:
-        if offload:
-            device, host = model_state_bytes_formula(phi, n, stage, precision, offload=True)
-            print(f"  {label:<18}{_formula(precision, stage, on_device):<16}{figure1_round(gb(device)):>10}"
-                  f"   {_formula(precision, stage, optimizer):<14}{figure1_round(gb(host)):>8}")
-        else:
-            total = model_state_bytes_formula(phi, n, stage, precision)
-            print(f"  {label:<18}{_formula(precision, stage, on_device + optimizer):<16}"
-                  f"{figure1_round(gb(total)):>8}")
-
-
-def print_table1():
-    print("ZeRO paper Table 1: per-device model-state memory (GB), mixed precision, Adam (K = 12)")
-    print((f"  {'':>5}" + "".join(f"   {name + ' model':<23}" for name, _ in TABLE1_MODELS)).rstrip())
-    print(f"  {'DP':>5}" + "   P_os    P_os+g  P_os+g+p" * len(TABLE1_MODELS))
-    computed = table1()
-    for n in TABLE1_DP:
-        cells = "".join(f"   {a:<8}{b:<8}{c:<7}" for a, b, c in (computed[m][n] for m, _ in TABLE1_MODELS))
-        print(f"  {n:>5}{cells}".rstrip())
-
 
 def print_activations(args, dp):
     bytes_per = ACTIVATION_BYTES[args.precision]
@@ -242,6 +79,28 @@ def print_communication(args, phi, dp):
     print(f"  {'strategy':<22}{'elements':<24}{'count':>12}{'GB':>10}")
     for label, text, elements, size in rows:
         print(f"  {label:<22}{text:<24}{elements:>12.4g}{_fmt(gb(elements * size)):>10}")
+
+
+def print_moe(args, phi, dp):
+    """Parameters total vs active, model states per GPU with experts over ep (dense over N =
+    dp, experts over N/ep), and the all-to-all volume with uniform routing."""
+    h, m_layers = args.hidden, args.layers // args.moe_every
+    total, active = moe_param_counts(phi, args.layers, h, args.experts, args.top_k, args.moe_every)
+    expert = m_layers * args.experts * 8 * h ** 2               # all experts' weights
+    dense = (total - expert) / (args.tp * args.pp)              # per GPU, dense part
+    local = expert / (args.ep * args.pp)                        # per GPU: E/ep experts, whole over tp
+    print(f"Mixture of experts: E = {args.experts}, top-{args.top_k}, every {args.moe_every} MLP(s), ep = {args.ep}")
+    print(f"  total Φ {total:,.4g}  active per token {active:,.4g}  ({active / total:.1%}); "
+          f"per GPU: dense {dense:,.4g} + experts {local:,.4g} (E/ep experts, replicated over tp)")
+    print(f"  {'strategy':<18}{'GB/GPU':>8}   dense over N = {dp}, experts over N/ep = {dp // args.ep}")
+    for label, stage in STAGES[:3]:
+        nbytes = model_state_bytes_formula(dense, dp, stage, args.precision) + \
+            model_state_bytes_formula(local, dp // args.ep, stage, args.precision)
+        print(f"  {label:<18}{figure1_round(gb(nbytes)):>8}")
+    a2a = 4 * args.batch * args.seq * args.top_k * h * (args.ep - 1) / args.ep * m_layers // args.pp
+    print(f"  all-to-all per step (uniform routing): 4·b·s·k·h·(ep-1)/ep x {m_layers // args.pp} layers x m "
+          f"= {a2a * args.micro_batches:.4g} elements, "
+          f"{_fmt(gb(a2a * args.micro_batches * ACTIVATION_BYTES[args.precision]))} GB")
 
 
 def _fmt(x):

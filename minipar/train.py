@@ -20,12 +20,14 @@ import numpy as np
 from minipar import checkpoint, report
 from minipar.args import UsageError, build_parser, check_flags, from_flags
 from minipar.backend import device_module
+from minipar.comm.exit import exit_agreed
 from minipar.comm.grid import ProcessGrid
-from minipar.comm.group import CommLedger, Group, exit_agreed
+from minipar.comm.group import CommLedger, Group
 from minipar.data import TextTask
 from minipar.engine import Engine, Layout
 from minipar.inputs import check_data, check_memory, check_outputs, check_resume
 from minipar.layout import LayoutError, validate
+from minipar.manifest import CheckpointError
 from minipar.parity import ParityError
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
@@ -77,7 +79,7 @@ def agree(world, attempt, *args):
     result, mine = None, None
     try:
         result = attempt(*args)
-    except (UsageError, checkpoint.CheckpointError) as err:
+    except (UsageError, CheckpointError) as err:
         mine = str(err)
     verdicts = world.allgather_object(mine) if world.size > 1 else [mine]
     message = next((v for v in verdicts if v is not None), None)
@@ -210,5 +212,5 @@ def main(argv=None, world=None):
 if __name__ == "__main__":
     code = main()
     if code:                        # every rank reached this code alike: a clean collective exit,
-        exit_agreed(code)           # with no MPI_Abort banner (see comm/group.py)
+        exit_agreed(code)           # with no MPI_Abort banner (see comm/exit.py)
     sys.exit(0)

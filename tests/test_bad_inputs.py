@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from minipar import checkpoint
+from minipar.manifest import read_manifest, sha256
 from minipar.args import UsageError, build_parser
 from minipar.comm.group import CommLedger, Group
 from minipar.parity import agree
@@ -124,7 +124,7 @@ def make_inputs(tmp):
     open(os.path.join(paths["foreign"], "notes.txt"), "w").close()
     ck = paths["ck"] = os.path.join(tmp, "ck")
     assert main(TINY + ["--steps", "2", "--save", ck], world=Group.single(ledger=CommLedger())) == 0
-    manifest = checkpoint.read_manifest(ck)
+    manifest = read_manifest(ck)
     rank0 = next(iter(manifest["files"]))
 
     def variant(name, edit_manifest=None, edit_arrays=None):
@@ -137,7 +137,7 @@ def make_inputs(tmp):
             edit_arrays(arrays)
             with open(os.path.join(path, rank0), "wb") as f:
                 np.savez(f, **arrays)
-            m["files"][rank0] = checkpoint._sha256(os.path.join(path, rank0))
+            m["files"][rank0] = sha256(os.path.join(path, rank0))
         if edit_manifest is not None:
             edit_manifest(m)
         with open(os.path.join(path, "manifest.json"), "w") as f:

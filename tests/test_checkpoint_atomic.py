@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from minipar import checkpoint
 from minipar.comm.group import CommLedger, Group
+from minipar.manifest import read_manifest
 from minipar.train import main
 
 pytestmark = pytest.mark.core      # the training job's checkpoints: a core part
@@ -58,7 +58,7 @@ def test_a_save_killed_at_any_stage_leaves_a_checkpoint(stage, tmp_path, uninter
     proc = subprocess.run([sys.executable, str(script), stage, *TINY, "--steps", "4", "--save-every", "2",
                            "--save", str(ck)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 9, proc.stderr                     # killed inside the second save
-    manifest = checkpoint.read_manifest(str(ck))                 # complete and verified
+    manifest = read_manifest(str(ck))                 # complete and verified
     assert manifest["step"] == STAGES[stage]
     left = set(os.listdir(ck)) - {"manifest.json", *manifest["files"]}     # what the kill left behind
     assert bool(left) == (stage in ("rank file written", "manifest written", "committed")), left
@@ -66,6 +66,6 @@ def test_a_save_killed_at_any_stage_leaves_a_checkpoint(stage, tmp_path, uninter
     assert main(TINY + ["--steps", "6", "--resume", str(ck), "--save", str(ck), "--report", str(report)],
                 world=single()) == 0
     assert json.loads(report.read_text())["losses"] == uninterrupted[STAGES[stage]:]   # bit-identical
-    manifest = checkpoint.read_manifest(str(ck))
+    manifest = read_manifest(str(ck))
     assert sorted(os.listdir(ck)) == sorted(["manifest.json", *manifest["files"]]), left   # cleaned
     assert manifest["step"] == 6

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipar.comm.group import CommLedger, Group, Request, ring_bytes
+from minipar.comm.group import CommLedger, Group, ring_bytes
+from minipar.comm.request import Request
 from minipar.parity import agree, assert_close
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on

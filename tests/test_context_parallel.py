@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minipar import memory, ops, parity
+from minipar import formulas, ops, parity
 from minipar.args import UsageError, build_parser
 from minipar.autograd import Tensor
 from minipar.engine import Layout
@@ -122,10 +122,10 @@ def test_blockwise_merge_equals_full_causal_attention(n_blocks):
 
 
 def test_cp_formulas():
-    assert memory.cp_ring_comm_elements(2, 16, 8, 4, 2) == (3 * 64, 7 * 64)    # block 2*2*16*8/(4*2) = 64
-    fwd, bwd = memory.cp_ulysses_comm_elements(2, 16, 8, 4, 1)
+    assert formulas.cp_ring_comm_elements(2, 16, 8, 4, 2) == (3 * 64, 7 * 64)    # block 2*2*16*8/(4*2) = 64
+    fwd, bwd = formulas.cp_ulysses_comm_elements(2, 16, 8, 4, 1)
     assert fwd == bwd == 4 * 2 * 16 * 8 * 3 / 16
-    assert memory.cp_attention_saved_elements(2, 16, 8, 4, 4) == (3 * 256 + 256 + 128) // 4
+    assert formulas.cp_attention_saved_elements(2, 16, 8, 4, 4) == (3 * 256 + 256 + 128) // 4
 
 
 # ----------------------------------------------------------------------------- MPI: parity

@@ -1,5 +1,5 @@
 # OPENBLAS_NUM_THREADS=1 .venv/bin/mpiexec -n 8 .venv/bin/python -m mpi4py -m pytest -m "cp and mpi" -p no:cacheprovider -q tests/test_cp_accounting.py
-"""Context parallelism, exact accounting: what the ledgers say equals memory.py's formulas.
+"""Context parallelism, exact accounting: what the ledgers say equals the formulas of formulas.py.
 
 * the comm ledger's cp traffic of one step == cp_ring_comm_elements / cp_ulysses_comm_elements;
 * per-rank attention FLOPs (the chunk pairs that ran): zigzag equal, contiguous (r+1)x;
@@ -9,7 +9,7 @@
 import numpy as np
 import pytest
 
-from minipar import memory, ops
+from minipar import formulas, ops
 from minipar.autograd import Tensor, track_saved
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.cp, pytest.mark.mpi]
 
 @pytest.mark.parametrize("algo", ["ring", "ulysses"])
 def test_cp_traffic_equals_the_formula_exactly(world, grid_of, device, algo):
-    """One step's cp-group bytes from the comm ledger == memory.py's formula: ring
+    """One step's cp-group bytes from the comm ledger == formulas.py's formula: ring
     (cp-1) K/V blocks forward and (cp-1) K/V + cp dK/dV backward per layer; Ulysses
     4 all-to-alls per layer of 4bsh/(cp tp)(cp-1)/cp in all each way."""
     cp, tp, m, batch = (4, 2, 2, 4) if world.size >= 8 else (2, 2, 2, 4)
@@ -36,7 +36,7 @@ def test_cp_traffic_equals_the_formula_exactly(world, grid_of, device, algo):
     with grid.world.ledger.measure() as step:
         engine.train_step(1, TASK, batch)
     b, s, h, L = batch // m, cfg.seq_len, cfg.d_model, cfg.n_layer
-    formula = memory.cp_ring_comm_elements if algo == "ring" else memory.cp_ulysses_comm_elements
+    formula = formulas.cp_ring_comm_elements if algo == "ring" else formulas.cp_ulysses_comm_elements
     want = sum(formula(b, s, h, cp, tp, L)) * m * 8              # float64 bytes
     got = step.total_bytes(group="cp")
     agree(grid.world, got == want, f"{algo}: cp traffic {got} bytes != formula {want}")
@@ -60,7 +60,7 @@ def test_zigzag_balances_attention_flops_and_contiguous_does_not(world, grid_of,
         engine.train_step(0, TASK, batch)
         flops[split] = grid.cp_group.allgather_object((work.flops("forward"), work.flops("backward")))
     L, n_layer, D, H = cfg.seq_len // cp, cfg.n_layer, cfg.d_model // cfg.n_head, cfg.n_head
-    unit = memory.attention_pair_flops(batch, H, L, L, D) * n_layer      # one (T/cp)^2 block, all layers
+    unit = formulas.attention_pair_flops(batch, H, L, L, D) * n_layer      # one (T/cp)^2 block, all layers
     zig = [f for f, _ in flops["zigzag"]]
     con = [f for f, _ in flops["contiguous"]]
     agree(grid.world, len(set(zig)) == 1 and zig[0] == (2 * cp + 1) * unit // 4,
@@ -88,7 +88,7 @@ def test_attention_inputs_saved_per_rank_are_serial_over_cp(world, grid_of):
                             n_head=H, split=split, group=grid.cp_group)
     serial_qkv = serial_ledger.current("activation") - B * H * T * T * 8    # minus the (T, T) softmax
     ring = cp_ledger.current("activation")
-    want = memory.cp_attention_saved_elements(B, T, C, H, cp) * 8
+    want = formulas.cp_attention_saved_elements(B, T, C, H, cp) * 8
     agree(grid.world, ring == want, f"ring attention saved {ring} bytes, formula {want}")
     agree(grid.world, 3 * B * T * C * 8 // cp * cp == serial_qkv and
           ring - (B * T * C + B * H * T) * 8 // cp == serial_qkv // cp,

@@ -26,7 +26,8 @@ import pytest
 
 from minipar import parity
 from minipar.data import ReverseTask
-from minipar.comm.group import Group, Request
+from minipar.comm.group import Group
+from minipar.comm.request import Request
 from minipar.parity import agree
 from minipar.engine import Layout, OptimConfig
 from minipar.lockstep import lockstep

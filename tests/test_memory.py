@@ -1,5 +1,5 @@
 """The memory ledger (bytes by category x placement, peaks) and the analytic
-formulas of memory.py, each checked on hand-computed values."""
+formulas of formulas.py, each checked on hand-computed values."""
 import json
 
 import numpy
@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipar.autograd import Function, Tensor, track_saved
-from minipar.memory import (CATEGORIES, MemoryLedger, activation_bytes_formula, bytes_per_param,
-                            comm_elements_per_step, measure_alive, model_state_breakdown,
-                            model_state_bytes_formula, padded_numel, pp_comm_elements,
-                            tp_comm_elements, traced_bytes)
+from minipar.formulas import (activation_bytes_formula, bytes_per_param, comm_elements_per_step,
+                              model_state_breakdown, model_state_bytes_formula, padded_numel,
+                              pp_comm_elements, tp_comm_elements)
+from minipar.memory import CATEGORIES, MemoryLedger, measure_alive, traced_bytes
 
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on

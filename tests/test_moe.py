@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minipar import plan
+from minipar import plan, sizing
 from minipar.args import UsageError, build_parser
 from minipar.autograd import Tensor
 from minipar.moe import MoE, aux_of, moe_counts, top_k
@@ -177,11 +177,11 @@ def test_counts_and_config_rules():
 
 def test_plan_counts_total_and_active_parameters(capsys):
     """plan's MoE counts: Mixtral-like 32 x 4096 with E = 8, k = 2 -> 3.67e10 total, 1.10e10 active."""
-    phi = plan.gpt_param_count(32, 4096, 50304, 2048)
-    total, active = plan.moe_param_counts(phi, 32, 4096, 8, 2)
+    phi = sizing.gpt_param_count(32, 4096, 50304, 2048)
+    total, active = sizing.moe_param_counts(phi, 32, 4096, 8, 2)
     assert total - phi == 32 * (7 * 8 * 4096 ** 2 + 4096 * 8)
     assert active - phi == 32 * (1 * 8 * 4096 ** 2 + 4096 * 8)
-    assert plan.moe_param_counts(phi, 32, 4096, 8, 2, moe_every=2)[0] - phi == (total - phi) // 2
+    assert sizing.moe_param_counts(phi, 32, 4096, 8, 2, moe_every=2)[0] - phi == (total - phi) // 2
     assert plan.main(["--gpus", "64", "--layers", "32", "--hidden", "4096", "--heads", "32", "--seq", "2048",
                       "--batch", "1", "--vocab", "50304", "--experts", "8", "--ep", "8"]) == 0
     assert "active per token" in capsys.readouterr().out

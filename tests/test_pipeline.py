@@ -22,7 +22,8 @@ from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.lockstep import lockstep
-from minipar.memory import MemoryLedger, pp_comm_elements
+from minipar.formulas import pp_comm_elements
+from minipar.memory import MemoryLedger
 from minipar.nn import GPT, DropoutKey, GPTConfig
 from minipar.parallel.pipeline import schedules
 from minipar.parallel.pipeline.executor import Pipeline

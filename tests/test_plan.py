@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from minipar.memory import gb, model_state_bytes_formula
-from minipar.plan import (PUBLISHED_TABLE1, TABLE1_DP, TABLE1_MODELS, figure1_round,
-                          gpt_param_count, main, table1, table1_round)
+from minipar.formulas import gb, model_state_bytes_formula
+from minipar.plan import main
+from minipar.sizing import gpt_param_count
+from minipar.zero_tables import PUBLISHED_TABLE1, TABLE1_DP, TABLE1_MODELS, figure1_round, table1, table1_round
 
 pytestmark = pytest.mark.core   # the core part (make test-core): the serial machinery everything builds on
 

@@ -26,8 +26,10 @@ from minipar.comm.group import Group
 from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
+from minipar.manifest import read_manifest
 from minipar.nn import GPTConfig
 from minipar.parity import rel_err
+from minipar.reshard import Reader, assemble
 
 pytestmark = [pytest.mark.mpi, pytest.mark.dp, pytest.mark.tp, pytest.mark.pp, pytest.mark.zero,
               pytest.mark.offload, getattr(pytest.mark, "3d")]
@@ -101,10 +103,10 @@ def run(first, device, layout, precision, start, stop, resume=None, saves=None):
 
 def arrays(path, precision):
     """{(kind, name): the serial array} of a checkpoint."""
-    manifest = checkpoint.read_manifest(path, config(precision))
+    manifest = read_manifest(path, config(precision))
     keys = sorted({(e["kind"], e["name"]) for e in manifest["slices"]})
-    with checkpoint.Reader(path) as reader:
-        return {key: checkpoint.assemble(path, manifest, *key, reader) for key in keys}
+    with Reader(path) as reader:
+        return {key: assemble(path, manifest, *key, reader) for key in keys}
 
 
 def differences(a_losses, b_losses, a_path, b_path, exact, precision="fp64"):

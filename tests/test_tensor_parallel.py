@@ -26,7 +26,8 @@ from minipar.comm.group import Group
 from minipar.parity import agree, assert_close
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.lockstep import lockstep
-from minipar.memory import MemoryLedger, tp_comm_elements
+from minipar.formulas import tp_comm_elements
+from minipar.memory import MemoryLedger
 from minipar.nn import GPT, DropoutKey
 from minipar.parallel.tensor.sequence import GatherSeq, ReduceScatterSeq, seq_slice
 from minipar.parallel.tensor.megatron import CopyToTP, ReduceFromTP, shard_tensor_parallel, split_heads

@@ -16,7 +16,7 @@ import pytest
 
 from minipar import strict
 from minipar.backend import Transfers, to_device, to_host
-from minipar.comm import group as comm
+from minipar.comm import communicator
 from minipar.comm.group import CommLedger, Group
 from minipar.parity import agree
 from minipar.comm.wire import Wire
@@ -64,13 +64,13 @@ def test_cuda_aware_asks_the_mpi_library(monkeypatch):
 
     try:
         for answer, want in ((1, True), (0, False), (None, False)):   # None: no such function
-            comm.cuda_aware.cache_clear()
+            communicator.cuda_aware.cache_clear()
             monkeypatch.setattr(ctypes, "CDLL", lambda path, answer=answer: Library(answer))
-            assert comm.cuda_aware() is want
+            assert communicator.cuda_aware() is want
     finally:
         monkeypatch.undo()
-        comm.cuda_aware.cache_clear()
-    assert Group.single().direct is comm.cuda_aware()     # the default asks the real library
+        communicator.cuda_aware.cache_clear()
+    assert Group.single().direct is communicator.cuda_aware()     # the default asks the real library
     forced = Group.single(direct=True)
     assert forced.wire.direct and not forced.using(algorithm="ring").wire.direct   # ring.py: host only
 

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from minipar.parity import agree
 from minipar.engine import Layout, OptimConfig
 from minipar.lockstep import lockstep
-from minipar.memory import (MemoryLedger, bytes_per_param, comm_elements_per_step, model_state_breakdown,
-                            model_state_bytes_formula, padded_numel)
+from minipar.formulas import (bytes_per_param, comm_elements_per_step, model_state_breakdown,
+                              model_state_bytes_formula, padded_numel)
+from minipar.memory import MemoryLedger
 from minipar.layers import Parameter
 from minipar.nn import GPT
 from minipar.parallel.zero.partition import Partition, unit_groups

@@ -36,7 +36,8 @@ from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree, assert_close
 from minipar.engine import Layout
 from minipar.lockstep import lockstep
-from minipar.memory import MemoryLedger, tp_comm_elements
+from minipar.formulas import tp_comm_elements
+from minipar.memory import MemoryLedger
 from minipar.nn import GPT, DropoutKey, GPTConfig
 from minipar.parallel.tensor.megatron import CopyToTP, ReduceFromTP, shard_tensor_parallel
 

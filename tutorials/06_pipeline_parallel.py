@@ -28,7 +28,7 @@ from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.lockstep import lockstep
-from minipar.memory import pp_comm_elements
+from minipar.formulas import pp_comm_elements
 from minipar.nn import GPTConfig
 from minipar.parallel.pipeline import schedules
 from minipar.parallel.pipeline.trace import Tracer, ascii_gantt

@@ -31,7 +31,7 @@ from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.lockstep import lockstep
-from minipar.memory import comm_elements_per_step, model_state_bytes_formula
+from minipar.formulas import comm_elements_per_step, model_state_bytes_formula
 from minipar.layers import Parameter
 from minipar.nn import GPTConfig
 from minipar.parallel.zero.partition import Partition

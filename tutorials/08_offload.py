@@ -24,7 +24,7 @@ from minipar.comm.grid import ProcessGrid
 from minipar.parity import agree
 from minipar.engine import Engine, Layout, OptimConfig
 from minipar.lockstep import lockstep
-from minipar.memory import model_state_bytes_formula
+from minipar.formulas import model_state_bytes_formula
 from minipar.nn import GPTConfig
 
 world = Group.world(ledger=CommLedger())

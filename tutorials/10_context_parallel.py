@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from minipar import memory
+from minipar import formulas
 from minipar.autograd import Tensor
 from minipar.data import ReverseTask
 from minipar.comm.group import CommLedger, Group
@@ -124,7 +124,7 @@ for kind, row in flops.items():
 
 # %%
 traffic, errs = {}, {}
-for algo, formula in (("ring", memory.cp_ring_comm_elements), ("ulysses", memory.cp_ulysses_comm_elements)):
+for algo, formula in (("ring", formulas.cp_ring_comm_elements), ("ulysses", formulas.cp_ulysses_comm_elements)):
     # one step of the cp run and of the serial run, compared (minipar/lockstep.py; the check is no cp traffic)
     with world.ledger.measure() as step:
         errs[algo] = lockstep(cfg, Layout(cp=CP, cp_algo=algo), task, 4, steps=1, grid=grid, optim=optim).worst

@@ -26,8 +26,10 @@ Sendrecv loops in ring.py), so tests can assert the textbook formulas exactly.
 A ledger made with a `clock` (e.g. CommLedger(clock=time.perf_counter)) also stamps
 each entry's wall-clock `start` and `end` (the Group call that made it; for the
 non-blocking isend / irecv / iall_reduce_ that is the posting, not the completion):
-the communication events of a `--trace out.json` timeline. Without one they stay None.
+the communication events of a `--trace out.json` timeline. Without one they stay None;
+`timed` is the decorator that stamps them on every Group method.
 """
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -125,3 +127,19 @@ class CommLedger:
                 sent = f"{row['bytes']:,}" if isinstance(row["bytes"], int) else f"{row['bytes']:,.1f}"
                 lines.append(f"{group:<8} {op:<15} {row['calls']:>6} {row['elements']:>12,} {sent:>14}")
         return "\n".join(lines)
+
+
+def timed(method):
+    """Stamp the ledger entries a Group call records with the call's wall-clock span, when
+    the ledger has a clock (the --trace timeline's communication events)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        ledger = self.ledger
+        if ledger.clock is None:
+            return method(self, *args, **kwargs)
+        mark, start = ledger.snapshot(), ledger.clock()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            ledger.stamp(mark, start, ledger.clock())
+    return call

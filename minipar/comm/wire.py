@@ -11,8 +11,8 @@ MPI can reduce, and in memory the MPI library can reach:
                                          call, host -> device after; both counted in Transfers
 
 The PyPI MPICH is not CUDA-aware, so a GPU run with it stages every message;
-`Transfers` says how many bytes that costs each way. group.py asks the MPI
-library once (`cuda_aware()`) and gives each Group a Wire.
+`Transfers` says how many bytes that costs each way. communicator.py asks the
+MPI library once (`cuda_aware()`) and gives each Group a Wire.
 
 float16 is reduced in float32 (MPI has no portable half-precision sum, and
 summing in fp32 loses less): the caller asks for a float32 buffer and casts back.

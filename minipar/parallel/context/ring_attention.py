@@ -24,7 +24,7 @@ accumulator dK/dV: each rank adds its queries' contribution and passes both on; 
 the last step one more hop sends every accumulator home to the block's owner.
 
 Traffic per rank per layer and micro-batch, with a K/V block of 2·b·(s/cp)·(h/tp)
-elements (memory.cp_ring_comm_elements):
+elements (formulas.cp_ring_comm_elements):
 
     forward    (cp-1) K/V blocks                        2·b·s·h/(cp·tp)·(cp-1)
     backward   (cp-1) K/V blocks + cp dK/dV blocks      2·b·s·h/(cp·tp)·(2cp-1)
@@ -36,7 +36,7 @@ import math
 
 from minipar.autograd import Function
 from minipar.backend import array_module, like
-from minipar.comm.group import Request
+from minipar.comm.request import Request
 from minipar.parallel.context import online_softmax as osm
 from minipar.parallel.context.split import DIAGONAL, SKIP, pair_kind
 

@@ -18,7 +18,7 @@ first all-to-all and back before the second; zigzag or contiguous, the attention
 sees the serial sequence.
 
 Traffic per rank per layer and micro-batch (an all-to-all sends (cp-1)/cp of the
-local buffer, memory.cp_ulysses_comm_elements):
+local buffer, formulas.cp_ulysses_comm_elements):
     forward   qkv 3·b·s·h/(cp·tp) + output b·s·h/(cp·tp)   -> 4·b·s·h/(cp·tp)·(cp-1)/cp
     backward  the same two all-to-alls, reversed            -> 4·b·s·h/(cp·tp)·(cp-1)/cp
 so Ulysses' volume per rank falls as 1/cp, while the ring's stays ~2·b·s·h/tp.

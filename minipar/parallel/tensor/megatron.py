@@ -13,7 +13,7 @@ communication. Each pair is wrapped by Megatron's conjugate operators:
 (B,T,C)        (B,T,4C/tp)                  (B,T,C) partial                   (B,T,C)
 
 So per layer and micro-batch: 2 all-reduces of b*s*h forward (g) and 2 backward
-(f), i.e. 8*b*s*h*(t-1)/t elements sent per rank (memory.tp_comm_elements). With
+(f), i.e. 8*b*s*h*(t-1)/t elements sent per rank (formulas.tp_comm_elements). With
 sequence parallelism (sequence.py) f and g become all-gather /
 reduce-scatter along T with the same volume, plus Megatron's re-gather of the
 c_attn and fc inputs in backward (GatherLinear keeps only their T/tp chunk):

@@ -4,7 +4,7 @@ ZeRO (Rajbhandari et al. 2020) cuts every model-state array into N equal pieces,
 one per data-parallel rank. For equal pieces and contiguous collectives, the
 parameters are grouped into *units*. A unit's parameters are flattened one
 after another into a single buffer, padded with zeros to a multiple of N
-(`memory.padded_numel`), and rank r owns chunk r of it:
+(`formulas.padded_numel`), and rank r owns chunk r of it:
 
     one unit, numel = 10, N = 4  ->  padded = 12, chunk = 3
 
@@ -31,7 +31,7 @@ Padding is per unit, so Φ_pad = sum over units of padded_numel(numel, N).
 import numpy as np
 
 from minipar.backend import array_module
-from minipar.memory import padded_numel
+from minipar.formulas import padded_numel
 
 
 def chunk_bounds(rank, chunk):

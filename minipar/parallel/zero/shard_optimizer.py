@@ -21,7 +21,7 @@ way in the last step are `bytes_to_host` and `bytes_to_device`.
 
 The host always keeps a master copy of the shard to update, even under the
 fp32 / fp64 policies that keep none on the device: there, the host holds
-(itemsize + K)·Φ/N bytes, one copy more than memory.model_state_bytes_formula's
+(itemsize + K)·Φ/N bytes, one copy more than formulas.model_state_bytes_formula's
 offload row (which assumes the K part only).
 """
 import numpy as np
