@@ -18,7 +18,7 @@ as an upper bound on what the wire costs, and the smallest share over the steps
 as the least disturbed reading.
 
 Bytes per step come from the tp ledger and are compared with Megatron's count
-for the layers (memory.tp_comm_elements: per layer, two all-reduces of b*s*h
+for the layers (formulas.tp_comm_elements: per layer, two all-reduces of b*s*h
 forward (g) and two backward (f), 8*b*s*h*(t-1)/t elements). The rest of the
 traffic is outside the layers (megatron.py's docstring): the embedding's
 g forward and the head's f backward (one all-reduce of b*s*h each) and the
@@ -37,7 +37,7 @@ one_blas_thread()  # before numpy is imported (minipar imports it)
 from minipar.comm.group import CommLedger, Group  # noqa: E402
 from minipar.comm.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
-from minipar.memory import tp_comm_elements  # noqa: E402
+from minipar.formulas import tp_comm_elements  # noqa: E402
 from minipar.nn import GPTConfig  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def main(argv=None):
         print(f"  in tp collectives (slowest rank)            {r['comm_median_s']:8.3f} s   "
               f"share of step {100 * r['comm_share_median']:.1f} % (min {100 * r['comm_share_min']:.1f} %)")
         print(f"  tp bytes sent per rank per step (ledger)  {r['tp_bytes_sent_per_step'] / 1e6:10.3f} MB")
-        print(f"    layers, 8*b*s*h*(t-1)/t * L * 4 B       {layers_bytes / 1e6:10.3f} MB   (memory.tp_comm_elements)")
+        print(f"    layers, 8*b*s*h*(t-1)/t * L * 4 B       {layers_bytes / 1e6:10.3f} MB   (formulas.tp_comm_elements)")
         print(f"    + outside, 2(t-1)/t*(2bsh + 3bs) * 4 B  {outside_bytes / 1e6:10.3f} MB   (embedding, head, loss)")
         print(f"    = {(layers_bytes + outside_bytes) / 1e6:.3f} MB, ledger - formula = "
               f"{r['tp_bytes_sent_per_step'] - layers_bytes - outside_bytes:.0f} B")

@@ -15,10 +15,10 @@ For each layout the run reports, per rank and step:
   - the step time: the slowest rank's, median of a few steps after warm-up (the
     layouts take turns step by step, so load from other processes hits them alike);
   - bytes sent over the dp group, from its CommLedger, against the ring formula
-    memory.comm_elements_per_step: 2Φ(N-1)/N elements for stages 0-2, 3Φ(N-1)/N
+    formulas.comm_elements_per_step: 2Φ(N-1)/N elements for stages 0-2, 3Φ(N-1)/N
     for stage 3, times the bytes of a gradient / parameter element;
   - model-state bytes (param + grad + master + Adam m, v + padding) from the
-    engine's MemoryLedger, against memory.model_state_bytes_formula (ZeRO paper
+    engine's MemoryLedger, against formulas.model_state_bytes_formula (ZeRO paper
     §5): fp32 16Φ, 8Φ+8Φ/N, 4Φ+12Φ/N, 16Φ/N; mixed 16Φ, 4Φ+12Φ/N, 2Φ+14Φ/N, 16Φ/N.
     Φ is Φ_pad, the parameters with every flat unit padded to a multiple of N.
     Offload splits the bytes into device + host; under fp32 the host also keeps a
@@ -40,7 +40,7 @@ one_blas_thread()  # before numpy is imported (minipar imports it)
 from minipar.comm.group import CommLedger, Group  # noqa: E402
 from minipar.comm.grid import ProcessGrid  # noqa: E402
 from minipar.engine import Engine, Layout  # noqa: E402
-from minipar.memory import bytes_per_param, comm_elements_per_step, model_state_bytes_formula  # noqa: E402
+from minipar.formulas import bytes_per_param, comm_elements_per_step, model_state_bytes_formula  # noqa: E402
 from minipar.nn import GPTConfig  # noqa: E402
 
 LAYOUTS = {

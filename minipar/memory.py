@@ -29,10 +29,6 @@ from contextlib import contextmanager
 import numpy
 
 from minipar.backend import Transfers
-# benchmarks/bench_tp.py and bench_zero.py still import these four from here; once they import
-# them from minipar.formulas, delete this line (nothing in minipar, tests or tutorials uses it)
-from minipar.formulas import (bytes_per_param, comm_elements_per_step,  # noqa: F401
-                              model_state_bytes_formula, tp_comm_elements)
 
 CATEGORIES = ("param", "grad", "master", "optim_m", "optim_v", "activation", "padding", "buffer")
 PLACEMENTS = ("device", "host")

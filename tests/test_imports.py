@@ -7,8 +7,8 @@ module) anywhere in M, plus an edge to every package above N that is not also ab
 (Python runs those packages' __init__ first). A cycle fails with the cycle printed, lazy
 imports included (that is how autograd -> ops -> transformer_ops -> autograd once hid); so
 does an import of minipar inside a function, a class or an `if` (a dependency nobody sees
-at the top of the file). Optional third-party dependencies (CuPy,
-matplotlib) may be imported where they are used: they are not minipar modules.
+at the top of the file), and of anything else but the optional dependencies (CuPy,
+matplotlib), which may be imported where they are used, when installed.
 """
 import ast
 import pathlib
@@ -18,6 +18,7 @@ import pytest
 pytestmark = pytest.mark.core
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "minipar"
+OPTIONAL = {"cupy", "cupyx", "matplotlib"}   # optional extras: imported where used, if installed
 
 
 def module_name(path, root):
@@ -119,3 +120,22 @@ def test_the_checks_see_a_planted_cycle_and_a_late_import(tmp_path):
     (root / "sub" / "b.py").write_text("def f():\n    from minipar import a\n")   # lazy: still a cycle
     cycle = find_cycle(import_graph(root)[0])                 # a -> sub (its __init__) -> b -> a
     assert cycle is not None and cycle[0] == cycle[-1] and "minipar.a" in cycle
+
+
+def late_imports(root=PACKAGE):
+    """[(module, line, top-level name)] of every import not at module level, minipar or not."""
+    out = []
+    for name, path in modules(root).items():
+        tree = ast.parse(path.read_text(), str(path))
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                out += [(name, node.lineno, n.split(".")[0]) for n in names]
+    return sorted(out)
+
+
+def test_only_optional_dependencies_are_imported_late():
+    late = [row for row in late_imports() if row[2] not in OPTIONAL]
+    assert not late, "imported inside a function, class or if, but not optional (move it to the top):\n" + \
+        "\n".join(f"  {m} line {line}: {n}" for m, line, n in late)

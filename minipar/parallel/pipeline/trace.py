@@ -20,6 +20,8 @@ its communication calls, timed by a comm ledger with a clock (comm/ledger.py).
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from contextlib import contextmanager
 
@@ -233,10 +235,10 @@ def chrome_trace(timeline: list[dict], title: str = "") -> dict:
 
 def write_chrome_trace(timeline: list[dict], path: str, title: str = "") -> str:
     """Write chrome_trace(timeline) as JSON to `path` (open it in ui.perfetto.dev or
-    chrome://tracing); returns the path."""
-    import json
-    import os
+    chrome://tracing); returns the path. Atomic: written beside it, then renamed into place."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(chrome_trace(timeline, title), f)
+    os.replace(tmp, path)
     return path
