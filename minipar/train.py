@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from minipar import checkpoint, report
+from minipar.allocator import keep_freed_memory
 from minipar.args import UsageError, build_parser, check_flags, from_flags
 from minipar.backend import device_module
 from minipar.comm.exit import exit_agreed
@@ -210,6 +211,7 @@ def main(argv=None, world=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()             # this program owns the process: keep freed memory for the next step
     code = main()
     if code:                        # every rank reached this code alike: a clean collective exit,
         exit_agreed(code)           # with no MPI_Abort banner (see comm/exit.py)
