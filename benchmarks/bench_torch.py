@@ -8,8 +8,10 @@ minipar, torch, minipar, torch, ..., so load from other processes hits both
 alike; each side times its own step in CPU seconds (time.process_time) and
 wall seconds, one BLAS thread each. Reported: the medians, the ratio
 minipar/torch of the CPU medians, and each process's peak RSS (ru_maxrss) and
-RSS after the first and the last timed step (growth = a leak), and the MFU of
-each (model FLOPs / CPU seconds / the sgemm peak in CPU seconds, before and after).
+RSS after the first and the last timed step (growth = a leak), the minor page
+faults per step (memory the allocator gave back and takes again: the kernel
+zeroes every faulted page), and the MFU of each (model FLOPs / CPU seconds /
+the sgemm peak in CPU seconds, before and after).
 
 `--table issue` runs the issue's four shapes (ISSUE_SHAPES), `--table` (or
 `--table all`) those and a few more (wider, longer, larger batch, fp64), each in
@@ -43,6 +45,11 @@ def rss_mb():
     """Resident set size now (MB), from /proc/self/statm."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def minor_faults():
+    """Minor page faults of this process so far (getrusage)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def torch_worker(torch_python, setup):
@@ -82,20 +89,22 @@ def one_shape(args):
     else:
         print(TORCH_MISSING)
     peak = matmul_peak(clock=time.process_time)
-    times = {"minipar": {"cpu": [], "wall": []}, "torch": {"cpu": [], "wall": []}}
+    times = {"minipar": {"cpu": [], "wall": [], "minflt": []}, "torch": {"cpu": [], "wall": [], "minflt": []}}
     rss = []
     for step in range(args.warmup + args.steps):
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, wall, faults = time.process_time(), time.perf_counter(), minor_faults()
         engine.train_step(step, task, args.batch)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        cpu, wall, faults = time.process_time() - cpu, time.perf_counter() - wall, minor_faults() - faults
         reply = ask(proc, f"step {step}") if proc else None
         if step >= args.warmup:
             times["minipar"]["cpu"].append(cpu)
             times["minipar"]["wall"].append(wall)
+            times["minipar"]["minflt"].append(faults)
             rss.append(rss_mb())
             if reply:
                 times["torch"]["cpu"].append(reply["cpu_s"])
                 times["torch"]["wall"].append(reply["wall_s"])
+                times["torch"]["minflt"].append(reply["minflt"])
     peak = max(peak, matmul_peak(clock=time.process_time))   # the clean reading of the same window
     flops = model_flops_per_step(engine.model, args.batch)
     result = {"gpt": gpt, "batch": args.batch, "steps": args.steps, "peak_gflops": peak,
@@ -119,11 +128,11 @@ def describe(r):
     shape = f"d {g['d_model']:>4} T {g['seq_len']:>4} B {r['batch']:>2} {g['precision']}"
     m = r["minipar"]
     line = (f"{shape}  minipar {m['cpu']:6.3f} cpu-s {m['wall']:6.3f} wall-s  MFU {100 * r['minipar_mfu_cpu']:4.1f}%"
-            f"  rss {r['minipar_max_rss_mb']:5.0f} MB")
+            f"  rss {r['minipar_max_rss_mb']:5.0f} MB  faults {m['minflt']:6.0f}")
     if "torch" in r:
         t = r["torch"]
         line += (f" | torch {t['cpu']:6.3f} cpu-s {t['wall']:6.3f} wall-s  MFU {100 * r['torch_mfu_cpu']:4.1f}%"
-                 f"  rss {r['torch_max_rss_mb']:5.0f} MB"
+                 f"  rss {r['torch_max_rss_mb']:5.0f} MB  faults {t['minflt']:6.0f}"
                  f" | minipar/torch cpu {r['ratio_cpu']:.2f} wall {r['ratio_wall']:.2f}")
     return line
 

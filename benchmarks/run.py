@@ -13,7 +13,8 @@
 
 Every process gets one BLAS thread (ranks must not fight over the cores). Each
 writes benchmarks/out/<name>.json; this script adds out/summary.json. A full
-run takes about a minute and a half on an idle 2-core machine, well under 5.
+run takes about a minute and a half on an idle 2-core machine (four minutes more
+with .venv-torch: the torch comparison at the issue's four shapes).
 """
 import argparse
 import json
