@@ -8,12 +8,15 @@ minipar, torch, minipar, torch, ..., so load from other processes hits both
 alike; each side times its own step in CPU seconds (time.process_time) and
 wall seconds, one BLAS thread each. Reported: the medians, the ratio
 minipar/torch of the CPU medians, and each process's peak RSS (ru_maxrss) and
-RSS after the first and the last timed step (growth = a leak), and the MFU of
-each (model FLOPs / CPU seconds / the sgemm peak in CPU seconds, before and after).
+RSS after the first and the last timed step (growth = a leak), the minor page
+faults per step (memory the allocator gave back and takes again: the kernel
+zeroes every faulted page), and the MFU of each (model FLOPs / CPU seconds /
+the sgemm peak in CPU seconds, before and after).
 
-`--table` runs the issue's shapes (and a few more: wider, longer, larger
-batch, fp64), each in its own process, and prints one table. Without torch
-installed it says so and times minipar alone.
+`--table issue` runs the issue's four shapes (ISSUE_SHAPES), `--table` (or
+`--table all`) those and a few more (wider, longer, larger batch, fp64), each in
+its own process, and prints one table. Without torch installed it says so and
+times minipar alone.
 """
 import argparse
 import json
@@ -35,12 +38,18 @@ TORCH_MISSING = (f"PyTorch not found at {TORCH_PYTHON}: timing minipar alone. Fo
 # (d_model, seq_len, batch, precision): the issue's table first, then our own
 TABLE = [(256, 128, 8, "fp32"), (512, 128, 8, "fp32"), (1024, 128, 8, "fp32"), (256, 512, 8, "fp32"),
          (512, 512, 8, "fp32"), (512, 128, 32, "fp32"), (256, 1024, 8, "fp32"), (512, 128, 8, "fp64")]
+ISSUE_SHAPES = TABLE[:4]        # the issue's table: minipar's CPU seconds must not exceed torch's at each
 
 
 def rss_mb():
     """Resident set size now (MB), from /proc/self/statm."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def minor_faults():
+    """Minor page faults of this process so far (getrusage)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def torch_worker(torch_python, setup):
@@ -80,20 +89,22 @@ def one_shape(args):
     else:
         print(TORCH_MISSING)
     peak = matmul_peak(clock=time.process_time)
-    times = {"minipar": {"cpu": [], "wall": []}, "torch": {"cpu": [], "wall": []}}
+    times = {"minipar": {"cpu": [], "wall": [], "minflt": []}, "torch": {"cpu": [], "wall": [], "minflt": []}}
     rss = []
     for step in range(args.warmup + args.steps):
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, wall, faults = time.process_time(), time.perf_counter(), minor_faults()
         engine.train_step(step, task, args.batch)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        cpu, wall, faults = time.process_time() - cpu, time.perf_counter() - wall, minor_faults() - faults
         reply = ask(proc, f"step {step}") if proc else None
         if step >= args.warmup:
             times["minipar"]["cpu"].append(cpu)
             times["minipar"]["wall"].append(wall)
+            times["minipar"]["minflt"].append(faults)
             rss.append(rss_mb())
             if reply:
                 times["torch"]["cpu"].append(reply["cpu_s"])
                 times["torch"]["wall"].append(reply["wall_s"])
+                times["torch"]["minflt"].append(reply["minflt"])
     peak = max(peak, matmul_peak(clock=time.process_time))   # the clean reading of the same window
     flops = model_flops_per_step(engine.model, args.batch)
     result = {"gpt": gpt, "batch": args.batch, "steps": args.steps, "peak_gflops": peak,
@@ -117,11 +128,11 @@ def describe(r):
     shape = f"d {g['d_model']:>4} T {g['seq_len']:>4} B {r['batch']:>2} {g['precision']}"
     m = r["minipar"]
     line = (f"{shape}  minipar {m['cpu']:6.3f} cpu-s {m['wall']:6.3f} wall-s  MFU {100 * r['minipar_mfu_cpu']:4.1f}%"
-            f"  rss {r['minipar_max_rss_mb']:5.0f} MB")
+            f"  rss {r['minipar_max_rss_mb']:5.0f} MB  faults {m['minflt']:6.0f}")
     if "torch" in r:
         t = r["torch"]
         line += (f" | torch {t['cpu']:6.3f} cpu-s {t['wall']:6.3f} wall-s  MFU {100 * r['torch_mfu_cpu']:4.1f}%"
-                 f"  rss {r['torch_max_rss_mb']:5.0f} MB"
+                 f"  rss {r['torch_max_rss_mb']:5.0f} MB  faults {t['minflt']:6.0f}"
                  f" | minipar/torch cpu {r['ratio_cpu']:.2f} wall {r['ratio_wall']:.2f}")
     return line
 
@@ -136,7 +147,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=7, help="timed steps per side (medians reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--torch-python", default=str(TORCH_PYTHON))
-    parser.add_argument("--table", action="store_true", help="every shape of TABLE, one process each")
+    parser.add_argument("--table", nargs="?", const="all", choices=("issue", "all"),
+                        help="issue: the four ISSUE_SHAPES; all (the default of a bare --table): every "
+                             "shape of TABLE; one process each")
     parser.add_argument("--json", help="write the result dict to this file (used by --table)")
     args = parser.parse_args(argv)
     if not args.table:
@@ -146,7 +159,7 @@ def main(argv=None):
             pathlib.Path(args.json).write_text(json.dumps(result))
         return 0
     results = []
-    for d, t, b, precision in TABLE:
+    for d, t, b, precision in ISSUE_SHAPES if args.table == "issue" else TABLE:
         out = HERE / "out" / f"torch_{d}_{t}_{b}_{precision}.json"
         out.parent.mkdir(exist_ok=True)
         subprocess.run([sys.executable, __file__, "--d-model", str(d), "--seq", str(t), "--batch", str(b),

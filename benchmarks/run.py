@@ -2,8 +2,10 @@
 """Run every benchmark, each in its own process, and print one summary table.
 
     bench_step.py              1 rank: matmul peak, step time of the bench GPT, MFU, profile
-    bench_torch.py             the same step against PyTorch eager, in turns, CPU seconds (if
-                               .venv-torch exists; else it says so); --torch-table: every shape
+    bench_torch.py             the same step against PyTorch eager, in turns, CPU seconds, at the
+                               issue's four shapes if .venv-torch exists (--torch-table: every
+                               shape of bench_torch.TABLE); without torch it says so and times
+                               minipar alone on the bench GPT
     bench_dp.py under -n 1     data-parallel strong scaling: the 1-rank baseline
     bench_dp.py under -n 2     ... the same global batch on 2 ranks, two ways to synchronise
     bench_tp.py under -n 1, 2  tensor parallelism: step time at tp = 1, 2; share of it in tp collectives
@@ -11,7 +13,8 @@
 
 Every process gets one BLAS thread (ranks must not fight over the cores). Each
 writes benchmarks/out/<name>.json; this script adds out/summary.json. A full
-run takes about a minute and a half on an idle 2-core machine, well under 5.
+run takes about a minute and a half on an idle 2-core machine (four minutes more
+with .venv-torch: the torch comparison at the issue's four shapes).
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from bench_torch import TORCH_MISSING, TORCH_PYTHON
 from common import OUT, machine_load, write_json
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -54,7 +58,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel ranks to scale to")
     parser.add_argument("--torch-table", action="store_true",
-                        help="compare with PyTorch at every shape of bench_torch.TABLE, not only the bench GPT")
+                        help="compare with PyTorch at every shape of bench_torch.TABLE, not only the issue's four")
     args = parser.parse_args(argv)
     mpiexec = find_mpiexec()
     if mpiexec is None:
@@ -63,9 +67,13 @@ def main(argv=None):
     steps = ["--steps", str(args.steps)]
     load_before = machine_load()
     wall = run([sys.executable, str(HERE / "bench_step.py"), *steps], timeout=150)
-    torch_args = ["--table"] if args.torch_table else ["--json", str(OUT / "torch_bench.json")]
+    have_torch = TORCH_PYTHON.exists()
+    if not have_torch:
+        print(f"\n{TORCH_MISSING}")
+    torch_args = (["--table", "all" if args.torch_table else "issue"] if have_torch
+                  else ["--json", str(OUT / "torch_bench.json")])
     wall += run([sys.executable, str(HERE / "bench_torch.py"), *torch_args, *steps],
-                timeout=3000 if args.torch_table else 300)
+                timeout=3000 if args.torch_table else 900 if have_torch else 300)
     for bench in ("bench_dp.py", "bench_tp.py"):
         for n in (1, args.ranks):
             wall += run([mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / bench), *steps],
@@ -81,7 +89,7 @@ def main(argv=None):
             ("step CPU time, bench GPT (s)", f"{step['step_cpu']['median_s']:.3f}", ""),
             ("MFU", f"{100 * step['mfu']:.1f} %", f">= {100 * TARGETS['mfu']:.0f} %"),
             ("MFU from CPU seconds", f"{100 * step['mfu_cpu']:.1f} %", "")]
-    vs_torch = load("torch")["shapes"] if args.torch_table else [load("torch_bench")]
+    vs_torch = load("torch")["shapes"] if have_torch else [load("torch_bench")]
     for r in vs_torch:
         g = r["gpt"]
         rows.append((f"minipar/torch CPU-s, d {g['d_model']} T {g['seq_len']} B {r['batch']} {g['precision']}",
@@ -106,6 +114,8 @@ def main(argv=None):
     for name, value, target in rows:
         print(f"{name:<44} {value:>10} {target:>10}")
     print(f"(all benchmarks: {wall:.0f} s)")
+    if not have_torch:
+        print(TORCH_MISSING)
     for warning in dict.fromkeys(filter(None, [load_before, machine_load()])):
         print(warning)
     path = write_json("summary", {"mfu": step["mfu"], "peak_gflops": step["peak_gflops"],

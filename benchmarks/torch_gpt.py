@@ -11,7 +11,7 @@ pure NumPy, so this process imports it too). One thread.
 Protocol (JSON lines): the first line on stdin is the config
 {"gpt": {...GPTConfig fields}, "batch": B, "lr": .., "betas": [..], "eps": ..};
 then each line "step <n>" runs one training step and answers
-{"cpu_s": .., "wall_s": .., "loss": ..}; "rss" answers {"max_rss_mb": ..}; "attention B H T D"
+{"cpu_s": .., "wall_s": .., "minflt": .., "loss": ..}; "rss" answers {"max_rss_mb": ..}; "attention B H T D"
 times one forward + backward of the causal fused attention alone {"cpu_s": ..}; EOF ends it.
 torch is never imported by minipar: only this optional worker needs it.
 """
@@ -88,12 +88,13 @@ def main():
         else:
             x, y = (torch.from_numpy(a) for a in task.batch(int(cmd[1]), indices))
             cpu, wall = time.process_time(), time.perf_counter()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             opt.zero_grad(set_to_none=True)
             loss = model(x, y)
             loss.backward()
             opt.step()
             reply = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
-                     "loss": loss.item()}
+                     "minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, "loss": loss.item()}
         print(json.dumps(reply), flush=True)
 
 
