@@ -15,9 +15,9 @@ import sys
 import time
 
 from bench_torch import TORCH_MISSING, TORCH_PYTHON, ask, torch_worker
-from common import BENCH_GPT, one_blas_thread, write_json
+from common import BENCH_GPT, setup_process, write_json
 
-one_blas_thread()  # before numpy is imported
+setup_process()  # before numpy is imported
 
 import numpy as np  # noqa: E402
 

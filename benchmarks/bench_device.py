@@ -16,10 +16,10 @@ script). Writes benchmarks/out/device_n<ranks>.json.
 import argparse
 import sys
 
-from common import (BATCH, BENCH_GPT, bench_task, model_flops_per_step, one_blas_thread, summarize,
+from common import (BATCH, BENCH_GPT, bench_task, model_flops_per_step, setup_process, summarize,
                     time_steps, write_json)
 
-one_blas_thread()  # before numpy is imported
+setup_process()  # before numpy is imported
 
 from minipar.comm.group import CommLedger, Group  # noqa: E402
 from minipar.comm.grid import ProcessGrid  # noqa: E402

@@ -27,9 +27,9 @@ import statistics
 import sys
 import time
 
-from common import BATCH, BENCH_GPT, bench_task, one_blas_thread, summarize, time_in_turns, write_json
+from common import BATCH, BENCH_GPT, bench_task, setup_process, summarize, time_in_turns, write_json
 
-one_blas_thread()  # before numpy is imported (minipar imports it)
+setup_process()  # before numpy is imported (minipar imports it)
 
 from minipar.comm.group import CommLedger, Group  # noqa: E402
 from minipar.comm.grid import ProcessGrid  # noqa: E402

@@ -22,10 +22,10 @@ import sys
 import time
 import types
 
-from common import (BATCH, BENCH_GPT, bench_task, model_flops_per_step, one_blas_thread, summarize,
+from common import (BATCH, BENCH_GPT, bench_task, model_flops_per_step, setup_process, summarize,
                     time_steps, write_json)
 
-one_blas_thread()  # before numpy is imported
+setup_process()  # before numpy is imported
 
 import numpy as np  # noqa: E402
 

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from common import BENCH_GPT, model_flops_per_step, one_blas_thread, write_json
+from minipar.allocator import MMAP_BYTES, TRIM_BYTES
+from common import BENCH_GPT, model_flops_per_step, setup_process, write_json
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -53,8 +54,10 @@ def minor_faults():
 
 
 def torch_worker(torch_python, setup):
-    """Start torch_gpt.py with one thread and send it the model config."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    """Start torch_gpt.py with one thread and send it the model config. It runs under the same
+    malloc setting as minipar (allocator.keep_freed_memory), given as glibc's variables."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               MALLOC_MMAP_THRESHOLD_=str(MMAP_BYTES), MALLOC_TRIM_THRESHOLD_=str(TRIM_BYTES))
     proc = subprocess.Popen([str(torch_python), str(HERE / "torch_gpt.py")], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)
     proc.stdin.write(json.dumps(setup) + "\n")
@@ -69,7 +72,7 @@ def ask(proc, line):
 
 def one_shape(args):
     """Time minipar and torch in turns at one shape; returns the result dict."""
-    one_blas_thread()
+    setup_process()
     from bench_step import matmul_peak
     from minipar.data import ReverseTask
     from minipar.engine import Engine, Layout, OptimConfig

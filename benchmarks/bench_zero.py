@@ -32,10 +32,10 @@ import argparse
 import os
 import sys
 
-from common import (BATCH, BENCH_GPT, bench_task, machine_load, one_blas_thread, summarize,
+from common import (BATCH, BENCH_GPT, bench_task, machine_load, setup_process, summarize,
                     time_in_turns, write_json)
 
-one_blas_thread()  # before numpy is imported (minipar imports it)
+setup_process()  # before numpy is imported (minipar imports it)
 
 from minipar.comm.group import CommLedger, Group  # noqa: E402
 from minipar.comm.grid import ProcessGrid  # noqa: E402

@@ -22,15 +22,20 @@ import pathlib
 import statistics
 import time
 
+from minipar.allocator import keep_freed_memory
+
 BENCH_GPT = dict(vocab_size=256, seq_len=128, n_layer=4, n_head=8, d_model=512, precision="fp32")
 BATCH = 8                                   # global batch (samples of seq_len tokens)
 OUT = pathlib.Path(__file__).resolve().parent / "out"
 
 
-def one_blas_thread():
-    """Pin BLAS to one thread unless the caller chose (call before numpy is imported)."""
+def setup_process():
+    """Run this benchmark process as `python -m minipar.train` runs its own: BLAS on one thread
+    unless the caller chose (call before numpy is imported), and the step's freed memory kept
+    for the next step (minipar/allocator.py: mallopt; imports no numpy)."""
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    keep_freed_memory()
 
 
 def bench_task():
@@ -53,7 +58,7 @@ def time_steps(engine, task, batch, warmup, steps, first_step=0, world=None, cpu
     it is the slowest rank's time (max of one float over world, 0 bytes). `cpu_times`, a
     list, receives each timed step's CPU seconds of this process (time.process_time): on a
     shared machine the steadier figure, since waiting for a core is not counted."""
-    from minipar.backend import synchronize        # here: importing numpy waits for one_blas_thread()
+    from minipar.backend import synchronize        # here: importing numpy waits for setup_process()
     for step in range(first_step, first_step + warmup):
         engine.train_step(step, task, batch)
     times = []
